@@ -1,0 +1,143 @@
+"""Load the tokenizer and causal LM named by a `ModelConfig`, and wrap it for a PEFT method.
+
+Loading happens only in these functions (nothing touches the network at import). Weights load as
+safetensors; remote code runs only when `model.trust_remote_code` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from policies import tiny
+from policies.config import ModelConfig, PeftConfig
+
+TINY = "tiny"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded because of what the user named (the CLI exits 2)."""
+
+
+def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
+    """Return a path or hub id transformers can load. The built-in `tiny` model is written to
+    `out_dir` first (as safetensors + tokenizer), so adapters trained on it name a real base path."""
+    if cfg.name_or_path != TINY:
+        return cfg.name_or_path
+    out_dir = Path(out_dir).resolve()
+    spec = {"tiny": vars(cfg.tiny), "seed": seed}
+    spec_file = out_dir / "tiny_spec.json"
+    if not (spec_file.exists() and json.loads(spec_file.read_text()) == spec):
+        tiny.save_tiny(cfg.tiny, out_dir, seed)
+        spec_file.write_text(json.dumps(spec))
+    return str(out_dir)
+
+
+def _check_exists(name_or_path: str) -> None:
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local "
+                             "directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B')")
+
+
+def load_tokenizer(name_or_path: str, cfg: ModelConfig):
+    """Tokenizer with a PAD distinct from EOS (padding must never hide the stop token)."""
+    from transformers import AutoTokenizer
+
+    _check_exists(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.name_or_path '{name_or_path}': could not load a tokenizer "
+                             f"({str(e).splitlines()[0]})") from None
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tok.get_vocab():
+            raise ModelLoadError(f"model.pad_token '{cfg.pad_token}' is not in the vocabulary of '{name_or_path}'")
+        tok.pad_token = cfg.pad_token
+    if tok.pad_token is None:
+        raise ModelLoadError(f"tokenizer of '{name_or_path}' has no PAD token; set model.pad_token to an "
+                             "unused token of its vocabulary (one that is not EOS)")
+    if tok.pad_token_id == tok.eos_token_id:
+        raise ModelLoadError(f"tokenizer of '{name_or_path}' uses '{tok.eos_token}' as both PAD and EOS, so "
+                             "padding would mask the stop token; set model.pad_token to a different token")
+    return tok
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def quantization_config(cfg: ModelConfig):
+    """4-bit NF4 with double quantisation (QLoRA, Dettmers et al. 2023)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(cfg))
+
+
+def load_causal_lm(name_or_path: str, cfg: ModelConfig, method: str = "full"):
+    """The causal LM, quantised to 4 bits when `method` is `qlora`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(name_or_path)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg),
+                  use_safetensors=True)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if method == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.name_or_path '{name_or_path}': could not load a causal LM with "
+                             f"safetensors weights ({str(e).splitlines()[0]})") from None
+
+
+def peft_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", tokenizer_name: str | None = None):
+    """The peft config object for `cfg.method` (None for full fine-tuning)."""
+    import peft
+
+    if cfg.method == "full":
+        return None
+    if cfg.method in ("lora", "qlora"):
+        return peft.LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha,
+                               lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules or "all-linear",
+                               use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+                               modules_to_save=cfg.modules_to_save)
+    if cfg.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method == "prompt_tuning":
+        if cfg.prompt_tuning_init_text:
+            return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                           prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                           prompt_tuning_init_text=cfg.prompt_tuning_init_text,
+                                           tokenizer_name_or_path=tokenizer_name)
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method == "ia3":
+        return peft.IA3Config(task_type=task_type, target_modules=cfg.target_modules,
+                              feedforward_modules=[] if cfg.target_modules else None,
+                              modules_to_save=cfg.modules_to_save)
+    if cfg.method == "ln_tuning":
+        return peft.LNTuningConfig(task_type=task_type, target_modules=cfg.target_modules,
+                                   modules_to_save=cfg.modules_to_save)
+    raise ValueError(f"unknown peft.method {cfg.method!r}")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:  # bnb Params4bit store two values per byte
+            n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

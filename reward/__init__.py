@@ -1,0 +1,1 @@
+"""Models and functions that judge: reward models, classifiers, Python reward functions."""

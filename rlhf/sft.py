@@ -1,0 +1,120 @@
+"""Stage 1: supervised fine-tuning (`rlhf sft`), on trl.SFTTrainer.
+
+    rlhf sft --config configs/sft_tiny.yaml --peft.method lora --output_dir runs/sft
+
+Writes to output_dir: the adapter (or full model) and tokenizer, loadable with plain
+transformers/peft; `checkpoint-N/` folders; `rlhf_config.yaml` (the resolved config);
+`metrics.json` (validation loss before and after); `base_model/` when the base is the built-in tiny one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from policies import models
+from rlhf import checkpoints, config, tracking
+from rlhf.config import SFTConfig
+from rlhf.errors import UserError
+from rlhf.sft_data import load_sft_data
+
+
+def check(cfg: SFTConfig) -> None:
+    """Refuse option combinations that cannot work, before any loading."""
+    t = cfg.train
+    if cfg.peft.method in ("prefix_tuning", "prompt_tuning") and t.packing:
+        raise UserError(f"train.packing cannot be combined with peft.method={cfg.peft.method}: the virtual "
+                        "tokens are prepended to each row, not to each packed sequence")
+    if cfg.peft.method == "qlora" and cfg.model.dtype == "float16" and not torch.cuda.is_available():
+        raise UserError("model.dtype=float16 with peft.method=qlora needs a GPU; use float32 or auto on CPU")
+    save_steps = t.save_steps or t.eval_steps
+    if save_steps % t.eval_steps:
+        raise UserError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps "
+                        f"({t.eval_steps}) so the best checkpoint can be kept")
+    if t.early_stopping_patience is not None and cfg.data.validation is None and cfg.data.validation_split <= 0:
+        raise UserError("train.early_stopping_patience needs validation data: set data.validation or "
+                        "data.validation_split > 0")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps"):
+        if getattr(t, name) < 1:
+            raise UserError(f"train.{name} expects a positive integer, got {getattr(t, name)}")
+
+
+def trl_args(cfg: SFTConfig, fmt: str, has_eval: bool, bf16: bool):
+    """Our config -> trl.SFTConfig (the TrainingArguments SFTTrainer reads)."""
+    import trl
+
+    t = cfg.train
+    eval_kwargs = {}
+    if has_eval:
+        eval_kwargs = dict(eval_strategy="steps", eval_steps=t.eval_steps, load_best_model_at_end=True,
+                           metric_for_best_model="eval_loss", greater_is_better=False)
+    return trl.SFTConfig(
+        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
+        learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps if t.warmup_steps < 1 else int(t.warmup_steps), weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        max_length=t.max_length, packing=t.packing, gradient_checkpointing=t.gradient_checkpointing,
+        assistant_only_loss=t.completion_only_loss and fmt in ("messages", "oasst"),
+        completion_only_loss=t.completion_only_loss if fmt in ("prompt_completion", "alpaca") else None,
+        bf16=bf16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps or t.eval_steps,
+        save_total_limit=t.save_total_limit, report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [],
+        run_name=cfg.tracking.run_name, dataset_num_proc=None, **eval_kwargs,
+    )
+
+
+def main(cfg: SFTConfig) -> dict:
+    import transformers
+    import trl
+
+    check(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = checkpoints.resolve_resume(cfg.resume, out)
+    transformers.set_seed(cfg.seed)
+    config.save(cfg, out / "rlhf_config.yaml")
+
+    base = models.materialize(cfg.model, out / "base_model", cfg.seed)
+    tokenizer = models.load_tokenizer(base, cfg.model)
+    model = models.load_causal_lm(base, cfg.model, cfg.peft.method)
+    train_ds, eval_ds, fmt = load_sft_data(cfg.data, cfg.seed)
+    print(f"data: {len(train_ds)} training rows, {len(eval_ds) if eval_ds else 0} validation rows, format {fmt}")
+
+    bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else models.torch_dtype(cfg.model) == torch.bfloat16
+    args = trl_args(cfg, fmt, eval_ds is not None, bf16)
+    callbacks = []
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(transformers.EarlyStoppingCallback(cfg.train.early_stopping_patience,
+                                                            cfg.train.early_stopping_threshold))
+    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, args.process_index == 0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, peft_config=models.peft_config(cfg.peft, "CAUSAL_LM", base),
+                             callbacks=callbacks)
+    trainable, total = models.count_parameters(trainer.model)
+    print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
+          f"({100 * trainable / total:.4f}%)")
+
+    metrics = {"trainable_parameters": trainable, "total_parameters": total, "format": fmt}
+    if eval_ds is not None and resume_from is None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics["train_loss"] = result.training_loss
+    metrics["global_step"] = trainer.state.global_step
+    if eval_ds is not None:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]  # the best checkpoint, reloaded
+        metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
+
+    if trainer.is_world_process_zero():
+        tmp = out / ".final.tmp"
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        checkpoints.publish_dir(tmp, out)
+        loss = (f"validation loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}; "
+                if "eval_loss_before" in metrics else "")
+        print(f"sft done: {loss}saved to {out}")
+    tracking.finish(run)
+    return metrics

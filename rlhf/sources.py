@@ -1,0 +1,117 @@
+"""Read rows from a data source: a local jsonl/json/csv/parquet file, a shipped `builtin:NAME` file,
+or a `datasets` hub name (optionally `name:config` and `@split`).
+
+Every reader returns a `datasets.Dataset`. Local JSON Lines are parsed here, line by line, so a
+malformed line is reported with its file and line number (datasets' own reader reports neither).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rlhf.errors import UserError
+
+BUILTIN_DIR = Path(__file__).parent / "assets" / "data"
+LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a data file shipped with the package (`builtin:quickstart_sft` -> assets/data/quickstart_sft.jsonl)."""
+    matches = sorted(BUILTIN_DIR.glob(f"{name}.*"))
+    if not matches:
+        known = sorted(p.stem for p in BUILTIN_DIR.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        raise UserError(f"unknown built-in data 'builtin:{name}'; shipped ones: {', '.join(known)}")
+    return matches[0]
+
+
+def resolve_source(source: str) -> str:
+    """Turn `builtin:NAME` into a file path; leave anything else alone."""
+    if source.startswith("builtin:"):
+        return str(builtin_path(source.removeprefix("builtin:")))
+    return source
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Parse a JSON Lines file; a bad line is a UserError naming `file:line`."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
+                                "expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        # A .json file may also hold JSON Lines; try that before giving up.
+        try:
+            return read_jsonl(path)
+        except UserError:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); expected a list of objects "
+                            "or one object per line") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} style
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a JSON list of objects (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def load_rows(source: str, split: str = "train"):
+    """Load `source` as a `datasets.Dataset`.
+
+    `source` is a local file (.jsonl/.json/.csv/.parquet), `builtin:NAME`, or a hub dataset
+    `owner/name` (add `:config` for a configuration; `split` picks the split).
+    """
+    import datasets
+
+    source = resolve_source(source)
+    suffix = Path(source).suffix.lower()
+    if os.path.exists(source):
+        if os.path.isdir(source):
+            raise UserError(f"data source '{source}' is a directory; expected a .jsonl/.json/.csv/.parquet file")
+        kind = LOCAL_SUFFIXES.get(suffix)
+        if kind is None:
+            raise UserError(f"data source '{source}': unknown file type '{suffix}'; expected one of "
+                            f"{', '.join(LOCAL_SUFFIXES)}")
+        if kind in ("jsonl", "json"):
+            rows = read_jsonl(source) if kind == "jsonl" else _read_json(source)
+            if not rows:
+                raise UserError(f"data source '{source}' is empty: no rows")
+            try:
+                return datasets.Dataset.from_list(rows)
+            except (TypeError, ValueError) as e:  # arrow cannot unify column types across rows
+                raise UserError(f"{source}: rows do not share one schema ({str(e).splitlines()[0]})") from None
+        try:
+            ds = datasets.load_dataset(kind, data_files=source, split="train")
+        except Exception as e:  # pyarrow/pandas parse errors carry no common type
+            raise UserError(f"{source}: could not be read as {kind} ({str(e).splitlines()[0]})") from None
+        if len(ds) == 0:
+            raise UserError(f"data source '{source}' is empty: no rows")
+        return ds
+    if suffix in LOCAL_SUFFIXES or source.startswith((".", "/")):
+        raise UserError(f"data file '{source}' does not exist")
+    name, _, config = source.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: all mean the same to the user
+        raise UserError(f"data source '{source}' is not a local file and could not be loaded from the "
+                        f"Hugging Face hub (split '{split}'): {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise UserError(f"data source '{source}' (split '{split}') is empty: no rows")
+    return ds
