@@ -10,7 +10,6 @@ transformers/peft; `checkpoint-N/` folders; `rlhf_config.yaml` (the resolved con
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -67,21 +66,19 @@ def trl_args(cfg: SFTConfig, fmt: str, has_eval: bool, bf16: bool):
     )
 
 
-def main(cfg: SFTConfig) -> dict:
+def build(cfg: SFTConfig):
+    """Check the config, load model, tokenizer and data, and build the SFTTrainer (nothing trained yet)."""
     import transformers
     import trl
 
     check(cfg)
     out = Path(cfg.output_dir)
-    resume_from = checkpoints.resolve_resume(cfg.resume, out)
     transformers.set_seed(cfg.seed)
-    config.save(cfg, out / "rlhf_config.yaml")
-
+    train_ds, eval_ds, fmt = load_sft_data(cfg.data, cfg.seed)  # first: bad data fails before any writing
+    print(f"data: {len(train_ds)} training rows, {len(eval_ds) if eval_ds else 0} validation rows, format {fmt}")
     base = models.materialize(cfg.model, out / "base_model", cfg.seed)
     tokenizer = models.load_tokenizer(base, cfg.model)
     model = models.load_causal_lm(base, cfg.model, cfg.peft.method)
-    train_ds, eval_ds, fmt = load_sft_data(cfg.data, cfg.seed)
-    print(f"data: {len(train_ds)} training rows, {len(eval_ds) if eval_ds else 0} validation rows, format {fmt}")
 
     bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else models.torch_dtype(cfg.model) == torch.bfloat16
     args = trl_args(cfg, fmt, eval_ds is not None, bf16)
@@ -89,28 +86,37 @@ def main(cfg: SFTConfig) -> dict:
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(transformers.EarlyStoppingCallback(cfg.train.early_stopping_patience,
                                                             cfg.train.early_stopping_threshold))
-    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, args.process_index == 0)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, peft_config=models.peft_config(cfg.peft, "CAUSAL_LM", base),
                              callbacks=callbacks)
     trainable, total = models.count_parameters(trainer.model)
     print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
           f"({100 * trainable / total:.4f}%)")
+    return trainer, fmt
 
+
+def main(cfg: SFTConfig) -> dict:
+    out = Path(cfg.output_dir)
+    resume_from = checkpoints.resolve_resume(cfg.resume, out)
+    trainer, fmt = build(cfg)
+    config.save(cfg, out / "rlhf_config.yaml")
+    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, trainer.is_world_process_zero())
+    trainable, total = models.count_parameters(trainer.model)
     metrics = {"trainable_parameters": trainable, "total_parameters": total, "format": fmt}
-    if eval_ds is not None and resume_from is None:
+    has_eval = trainer.eval_dataset is not None
+    if has_eval and resume_from is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
-    if eval_ds is not None:
+    if has_eval:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]  # the best checkpoint, reloaded
         metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
 
     if trainer.is_world_process_zero():
         tmp = out / ".final.tmp"
         trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         checkpoints.publish_dir(tmp, out)
         loss = (f"validation loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from rlhf.config import TrackingConfig
@@ -39,7 +40,7 @@ def start(cfg: TrackingConfig, config: dict, output_dir: str, is_main: bool = Tr
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     id_file = out / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name or out.resolve().name,
                      group=cfg.group, tags=cfg.tags or None, config=config, dir=str(out), id=run_id,
                      resume="allow")

@@ -1,0 +1,69 @@
+"""`rlhf merge ADAPTER_DIR OUT_DIR`: fold a LoRA (or IA3 / LN-tuning) adapter into its base model.
+
+The output is an ordinary transformers model directory (safetensors + tokenizer) that loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` and needs neither peft nor the base.
+A QLoRA adapter is merged into the base loaded in full precision (merging into 4-bit weights would
+round the update away), which is the usual way to deploy QLoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rlhf.errors import UserError
+
+MERGEABLE = {"LORA", "IA3", "LN_TUNING"}
+
+
+def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> Path:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, out = Path(adapter_dir), Path(out_dir)
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.exists():
+        raise UserError(f"ADAPTER_DIR '{adapter}' holds no adapter_config.json (is it a peft adapter directory?)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"OUT_DIR '{out}' exists and is not empty; choose a new directory")
+    adapter_cfg = json.loads(cfg_file.read_text())
+    peft_type = adapter_cfg.get("peft_type", "?")
+    if peft_type not in MERGEABLE:
+        raise UserError(f"a {peft_type} adapter cannot be merged into the weights (virtual tokens are not "
+                        f"weights); mergeable types: {', '.join(sorted(MERGEABLE))}")
+    base = base or adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{cfg_file}: no base_model_name_or_path; pass --base")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"base model '{base}' could not be loaded ({str(e).splitlines()[0]}); pass --base") from None
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(tmp, out)  # the whole directory appears at once
+    return out
+
+
+def cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="rlhf merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("adapter_dir", help="directory of a trained LoRA/IA3/LN-tuning adapter (an SFT output)")
+    p.add_argument("out_dir", help="new directory for the merged full model")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default: the base's)")
+    args = p.parse_args(argv)
+    out = merge(args.adapter_dir, args.out_dir, args.base, args.dtype)
+    print(f"merged {args.adapter_dir} into {out}")

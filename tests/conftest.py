@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (wandb_log)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def real_file(name: str) -> Path:
+    """A real data sample from ../shared/data/real/, or skip (users' clones do not have it)."""
+    path = REAL_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data sample {name} not found under {REAL_DATA} (only in the development checkout)")
+    return path
+
+
+def sft_config(tmp_path, *args: str):
+    """A fast tiny SFT config (built the way the CLI builds it) with extra `--section.field value` args."""
+    from rlhf import config
+
+    base = ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--train.max_steps", "6", "--train.eval_steps", "3", "--train.logging_steps", "1",
+            "--data.max_samples", "96", "--train.per_device_train_batch_size", "8"]
+    return config.parse(config.SFTConfig, base + list(args), "rlhf sft")
