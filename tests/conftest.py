@@ -27,5 +27,6 @@ def sft_config(tmp_path, *args: str):
 
     base = ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--output_dir", str(tmp_path / "out"),
             "--train.max_steps", "6", "--train.eval_steps", "3", "--train.logging_steps", "1",
-            "--data.max_samples", "96", "--train.per_device_train_batch_size", "8"]
+            "--data.max_samples", "96", "--train.per_device_train_batch_size", "8",
+            "--peft.method", "lora", "--train.warmup_steps", "0"]
     return config.parse(config.SFTConfig, base + list(args), "rlhf sft")

@@ -98,11 +98,16 @@ def test_each_peft_method_trains_only_its_parameters(tmp_path, method):
         expected = trainer.model(input_ids=x).logits
         if method == "full":
             loaded = AutoModelForCausalLM.from_pretrained(out)
+        elif method == "qlora":
+            from policies.config import ModelConfig
+            from policies.models import quantization_config
+
+            loaded = AutoPeftModelForCausalLM.from_pretrained(out, quantization_config=quantization_config(ModelConfig()))
         else:
             loaded = AutoPeftModelForCausalLM.from_pretrained(out)
         got = loaded(input_ids=x).logits
-    tol = 0.2 if method == "qlora" else 1e-4  # qlora reloads the base unquantised
-    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+    tol = 1e-3 if method == "qlora" else 1e-4  # bnb's CPU 4-bit kernels differ by layout at ~1e-4
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 def test_real_alpaca_trains(tmp_path):
