@@ -17,6 +17,7 @@ USAGE = """usage: rlhf <command> [options]
 
 commands:
   sft              supervised fine-tuning (full or PEFT)          rlhf sft --help
+  ppo              PPO against a reward model, classifier or function  rlhf ppo --help
   merge            merge a LoRA adapter into a full model           rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup           rlhf estimate-memory --help
 """
@@ -26,6 +27,12 @@ def _sft(argv: list[str]) -> None:
     from rlhf import config, sft
 
     sft.main(config.parse(config.SFTConfig, argv, "rlhf sft"))
+
+
+def _ppo(argv: list[str]) -> None:
+    from rlhf import config, ppo
+
+    ppo.main(config.parse(ppo.PPOConfig, argv, "rlhf ppo"))
 
 
 def _merge(argv: list[str]) -> None:
@@ -40,7 +47,7 @@ def _estimate_memory(argv: list[str]) -> None:
     memory.cli(argv)
 
 
-COMMANDS = {"sft": _sft, "merge": _merge, "estimate-memory": _estimate_memory}
+COMMANDS = {"sft": _sft, "ppo": _ppo, "merge": _merge, "estimate-memory": _estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

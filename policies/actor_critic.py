@@ -1,0 +1,152 @@
+"""The models PPO trains and queries: policy, critic (value head), reference.
+
+Two layouts, one interface (`ActorCritic`):
+
+- **shared LoRA** (default, least memory): ONE copy of the base weights (bf16, or 4-bit for QLoRA)
+  carrying two LoRA adapters, `policy` and `critic`; the critic adds a value head on the last hidden
+  state. The reference policy is the same base with the adapters switched off, so it costs no memory.
+- **full**: the policy is a full trainable model, the critic a second full model with a value head,
+  the reference a frozen copy of the initial policy.
+
+`forward()` computes policy logits and values in ONE call, so DDP and DeepSpeed see one forward
+and one backward per micro-batch with every trainable parameter in the graph.
+
+Shapes: B batch, T prompt+response tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+POLICY, CRITIC = "policy", "critic"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio pi_new/pi_old is only 1 at the start of an update if both passes are deterministic."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def backbone(lm: nn.Module) -> nn.Module:
+    """The transformer body of a *ForCausalLM (or of a peft model wrapping one): hidden states, no logits."""
+    if hasattr(lm, "get_base_model"):
+        lm = lm.get_base_model()
+    return getattr(lm, lm.base_model_prefix)
+
+
+class ValueHead(nn.Module):
+    """Scalar value per token from the critic's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Small init: values start near 0, like the rewards of a fresh run (lm-human-preferences).
+        nn.init.normal_(self.summary.weight, std=1 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, policy: nn.Module, value_head: ValueHead, critic: nn.Module | None = None,
+                 reference: nn.Module | None = None):
+        """Shared-LoRA layout: `policy` is a PeftModel with adapters `policy` and `critic`, and
+        `critic`/`reference` are None. Full layout: all three are separate models."""
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+        self.reference = reference
+        self.shared = critic is None
+        if self.shared:
+            # peft's set_adapter freezes the inactive adapter; we switch adapters inside one forward,
+            # so remember what is trainable and restore it after every switch.
+            self._adapter_params = [p for n, p in policy.named_parameters() if "lora_" in n]
+            for p in self._adapter_params:
+                p.requires_grad_(True)
+        elif reference is not None:
+            reference.requires_grad_(False)
+
+    @contextmanager
+    def adapter(self, name: str):
+        if not self.shared:
+            yield
+            return
+        self.policy.set_adapter(name)
+        for p in self._adapter_params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(POLICY)
+            for p in self._adapter_params:
+                p.requires_grad_(True)
+
+    def policy_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T, V)
+        with self.adapter(POLICY):
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).logits
+
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T)
+        trunk = backbone(self.policy) if self.shared else self.critic
+        with self.adapter(CRITIC):
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+        return self.value_head(hidden)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T, V)
+        if self.shared:
+            with self.policy.disable_adapter():
+                return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).logits
+        return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        """(policy logits (B, T, V), values (B, T)) in one call: what a training step needs."""
+        return (self.policy_logits(input_ids, attention_mask, position_ids),
+                self.values(input_ids, attention_mask, position_ids))
+
+    def generation_model(self) -> nn.Module:
+        """The module to call `.generate` on (the shared model has its policy adapter active)."""
+        if self.shared:
+            self.policy.set_adapter(POLICY)
+            for p in self._adapter_params:
+                p.requires_grad_(True)
+        return self.policy
+
+
+def build_shared_lora(base: nn.Module, lora_config, critic_lora_config=None) -> ActorCritic:
+    """One base, two adapters. `lora_config` is a peft LoraConfig (task CAUSAL_LM)."""
+    from peft import get_peft_model
+
+    disable_dropout(base)
+    model = get_peft_model(base, lora_config, adapter_name=POLICY)
+    model.add_adapter(CRITIC, critic_lora_config or lora_config)
+    model.set_adapter(POLICY)
+    disable_dropout(model)
+    head = ValueHead(base.config.hidden_size)
+    return ActorCritic(model, head)
+
+
+def build_full(policy: nn.Module, critic_lm: nn.Module | None = None) -> ActorCritic:
+    """Trainable policy, a separate critic (the body of a copy of the policy unless given; its LM head
+    would get no gradient, which DDP refuses), a frozen reference copy of the initial policy."""
+    disable_dropout(policy)
+    reference = copy.deepcopy(policy).eval()
+    critic = backbone(critic_lm if critic_lm is not None else copy.deepcopy(policy))
+    disable_dropout(critic)
+    head = ValueHead(policy.config.hidden_size)
+    return ActorCritic(policy, head, critic=critic, reference=reference)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+

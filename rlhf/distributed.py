@@ -1,0 +1,30 @@
+"""Process set-up shared by the stages that own their loop (PPO)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf.errors import UserError
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
+    """An Accelerator that sees every launched process, or a clear refusal.
+
+    Without CUDA, the process group must be created with gloo before the Accelerator, else DeepSpeed
+    runs world size 2 inside while accelerate believes it is alone (../shared/docs/environment.md).
+    """
+    from accelerate import Accelerator, PartialState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available():
+        PartialState(backend="gloo")
+    if mixed_precision is None:
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision)
+    if acc.num_processes != world:
+        raise UserError(f"launch mismatch: WORLD_SIZE={world} but accelerate sees {acc.num_processes} process(es); "
+                        "on CPU use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` "
+                        "(plain `--cpu --num_processes N` starts one process)")
+    return acc

@@ -1,0 +1,739 @@
+"""Stage 3: PPO for language models (`rlhf ppo`). The LLM is the agent, each generated token an
+action, the episode ends at the stop token; the reward model scores the whole response, a per-token
+KL penalty keeps the policy near the reference, a value head estimates returns (GAE).
+
+    rlhf ppo --config configs/ppo_tiny.yaml
+    accelerate launch --config_file ... -m rlhf ppo --config ...
+
+Why our own loop: TRL deleted its PPOTrainer (huggingface/trl#7020), OpenRLHF needs Ray + vLLM and
+cannot sync LoRA, DeepSpeed-Chat has no resume. This file reads top to bottom like cleanrl's
+`ppo.py`; the math lives in `rlhf/ppo_core.py` (torch only, tested against loop references), the
+models in `policies/actor_critic.py`. One iteration ("step"):
+
+  1. rollout: sample responses to a batch of prompts, truncate after the stop token
+  2. forward: logprobs of policy and reference, values of the critic
+  3. score: the reward model (normalised, clipped, missing-EOS penalty)
+  4. KL reward: -kl_coef * KL per token, score added at the last response token
+  5. GAE: advantages (whitened) and returns
+  6. update: ppo_epochs x mini-batches x gradient accumulation of clipped policy + value loss
+
+Shapes: B rollout batch, P prompt tokens, A response tokens, T = P + A, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from policies.config import ModelConfig, PeftConfig
+from rlhf import checkpoints, config, tracking
+from rlhf import ppo_core as core
+from rlhf.config import TrackingConfig
+from rlhf.errors import UserError
+
+STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class PromptDataConfig:
+    """Prompts to roll out on."""
+
+    train: str = "builtin:quickstart_prompts"
+    """Prompt source: local .jsonl/.json/.csv/.parquet, `builtin:NAME`, or a hub dataset. Rows with
+    `messages` (the turns up to the last user turn are the prompt), `prompt` (text or messages), or
+    any preference format of `rlhf data check` (HH-RLHF, UltraFeedback, ...: its prompts are used)."""
+    format: str = "auto"
+    """`auto`, `messages`, `prompt`, or a preference format name (`hh_rlhf`, `ultrafeedback_binarized`, ...)."""
+    column_map: dict[str, str] = field(default_factory=dict)
+    """Rename source columns first, e.g. `{question: prompt}`."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    max_samples: Optional[int] = None
+    """Use only the first N prompts."""
+
+
+@dataclass
+class RewardSpec:
+    """What scores a response: a reward-model or classifier directory, or `module:function`."""
+
+    spec: str = "runs/reward_tiny"
+    """Reward-model directory (`rlhf reward` output), classifier directory (`rlhf classifier`),
+    or a Python function `module:function` / `path/file.py:function` taking (prompts, responses)."""
+    kind: Literal["auto", "preference", "classifier", "function"] = "auto"
+    """What `spec` is; `auto` tells from the directory's files or the `:`."""
+    label: Optional[str] = None
+    """Classifier rewards: the label whose probability is the reward (e.g. `not_toxic`)."""
+    batch_size: int = 16
+    """Responses scored per forward pass."""
+
+
+@dataclass
+class PPOHyperparameters:
+    """The algorithm's knobs (names as in the papers and TRL)."""
+
+    steps: int = 100
+    """PPO iterations (rollout + update)."""
+    per_device_rollout_batch_size: int = 16
+    """Prompts rolled out per process per iteration."""
+    num_mini_batches: int = 1
+    """Mini-batches the rollout batch is split into for each PPO epoch (one optimizer step each)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per mini-batch (memory knob; the update is the same, up to float rounding)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    learning_rate: float = 1e-5
+    """Peak learning rate of policy and critic."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name over all optimizer steps (`linear`, `cosine`, `constant`, ...)."""
+    warmup_steps: float = 0
+    """Warm-up optimizer steps, or a fraction in [0, 1) of all of them."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    temperature: float = 0.7
+    """Sampling temperature; logprobs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_new_tokens: int = 32
+    """Longest response."""
+    max_prompt_length: int = 256
+    """Prompts are cut to their last N tokens."""
+    stop_token: Optional[str] = "eos"
+    """The response ends at this token (`eos`: the tokenizer's EOS); None: run to max_new_tokens."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman, "Approximating KL divergence")."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Adaptive KL: target KL per sequence."""
+    kl_horizon: int = 10000
+    """Adaptive KL: horizon (in samples) of the proportional controller."""
+    reward_normalization: Literal["none", "running", "model"] = "none"
+    """Normalise scores by running statistics of this run, or by the reward model's stored ones."""
+    reward_clip: Optional[float] = None
+    """Clip (normalised) scores to [-reward_clip, reward_clip]."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtract this from the score of a response that never emitted the stop token."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance per rollout batch."""
+    cliprange: float = 0.2
+    """Policy ratio clip."""
+    cliprange_value: Optional[float] = 0.2
+    """Value clip around the rollout values (None: unclipped value loss)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: none)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    forward_batch_size: Optional[int] = None
+    """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO (`rlhf ppo`)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft_tiny"))
+    """The initial policy: an SFT output (adapter or full model), any causal LM, or `tiny`."""
+    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="lora", lora_dropout=0.0))
+    """`lora`/`qlora`: policy and critic are two adapters on one shared base, the reference is the
+    base with adapters off. `full`: full policy, separate critic, frozen reference copy."""
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/ppo"
+    """Checkpoints, the final policy (and critic), metrics.jsonl, the resolved config."""
+    seed: int = 42
+    """Seed of sampling, data order and initialisation."""
+    resume: Optional[str] = None
+    """`latest` (newest complete checkpoint in output_dir) or a checkpoint directory."""
+    save_steps: int = 50
+    """Checkpoint every N iterations (and at the end)."""
+    save_total_limit: int = 2
+    """Checkpoints kept."""
+    sample_every: int = 10
+    """Print (and log) a table of prompts and responses every N iterations (0: never)."""
+    num_samples: int = 4
+    """Rows in that table."""
+
+
+@dataclass
+class BatchSizes:
+    """Every batch size, derived once; inexact divisions are refused."""
+
+    world: int
+    local_rollout: int  # B per process
+    global_rollout: int
+    local_mini_batch: int
+    micro_batch: int
+    forward: int
+    optimizer_steps: int  # over the whole run
+
+
+def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
+    b = p.per_device_rollout_batch_size
+    if b % p.num_mini_batches:
+        raise UserError(f"ppo.per_device_rollout_batch_size ({b}) must be divisible by ppo.num_mini_batches "
+                        f"({p.num_mini_batches})")
+    mini = b // p.num_mini_batches
+    if mini % p.gradient_accumulation_steps:
+        raise UserError(f"the mini-batch ({b} / {p.num_mini_batches} = {mini}) must be divisible by "
+                        f"ppo.gradient_accumulation_steps ({p.gradient_accumulation_steps})")
+    return BatchSizes(world=world, local_rollout=b, global_rollout=b * world, local_mini_batch=mini,
+                      micro_batch=mini // p.gradient_accumulation_steps, forward=p.forward_batch_size or b,
+                      optimizer_steps=p.steps * p.ppo_epochs * p.num_mini_batches)
+
+
+def check(cfg: PPOConfig) -> None:
+    p = cfg.ppo
+    for name in ("steps", "per_device_rollout_batch_size", "num_mini_batches", "gradient_accumulation_steps",
+                 "ppo_epochs", "max_new_tokens", "save_steps"):
+        if getattr(p if hasattr(p, name) else cfg, name) < 1:
+            raise UserError(f"{'ppo.' if hasattr(p, name) else ''}{name} expects a positive integer")
+    if cfg.peft.method not in ("lora", "qlora", "full"):
+        raise UserError(f"peft.method={cfg.peft.method} is not supported by PPO; expected lora, qlora or full")
+    if p.temperature <= 0:
+        raise UserError("ppo.temperature must be > 0 (PPO needs sampled responses and their logprobs)")
+    if not 0 < p.top_p <= 1:
+        raise UserError("ppo.top_p must be in (0, 1]")
+    if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
+        raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+def load_prompts(cfg: PromptDataConfig) -> list[list[dict]]:
+    """Prompts as message lists ending with a user turn."""
+    from rlhf import preference_data
+    from rlhf.sources import load_rows
+
+    fmt = cfg.format
+    if fmt not in ("auto", "messages", "prompt"):  # a preference format: take its pairs' prompts
+        pairs, _ = preference_data.load_pairs(cfg.train, format=fmt, column_map=cfg.column_map or None,
+                                              split=cfg.split)
+        prompts = [p["prompt"] for p in pairs]
+    else:
+        ds = load_rows(cfg.train, split=cfg.split)
+        if cfg.column_map:
+            ds = ds.rename_columns(cfg.column_map)
+        cols = ds.column_names
+        if fmt == "auto":
+            fmt = "messages" if "messages" in cols else "prompt" if "prompt" in cols and not (
+                {"chosen", "rejected"} <= set(cols) or "response_0" in cols) else "pairs"
+        if fmt == "pairs":
+            pairs, _ = preference_data.load_pairs(cfg.train, column_map=cfg.column_map or None, split=cfg.split)
+            prompts = [p["prompt"] for p in pairs]
+        elif fmt not in cols:
+            raise UserError(f"{cfg.train}: no '{fmt}' column for data.format={cfg.format}; columns: {cols}")
+        else:
+            prompts = [_as_prompt(row[fmt], f"{cfg.train} row {i + 1}") for i, row in enumerate(ds)]
+    seen, unique = set(), []
+    for p in prompts:  # preference data repeats prompts; roll out each once per epoch
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    if cfg.max_samples is not None:
+        unique = unique[:cfg.max_samples]
+    if not unique:
+        raise UserError(f"{cfg.train}: no prompts")
+    return unique
+
+
+def _as_prompt(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        turns = [{"role": m["role"], "content": m["content"]} for m in value]
+        while turns and turns[-1]["role"] == "assistant":  # a conversation: prompt = up to the last user turn
+            turns.pop()
+        if turns:
+            return turns
+    raise UserError(f"{where}: expected a prompt as text or a list of {{role, content}} messages with a user turn")
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_len: int) -> list[list[int]]:
+    """Chat-template each prompt (with the assistant header) and keep its last `max_len` tokens."""
+    out = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids)[-max_len:])
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P), mask (B, P)), padded on the left so every prompt ends where generation starts."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def build_models(cfg: PPOConfig, is_main: bool):
+    """Tokenizer and ActorCritic for cfg.peft.method; the SFT adapter (if the policy is one) is merged first."""
+    from policies import actor_critic, models
+
+    out = Path(cfg.output_dir)
+    path = models.materialize(cfg.model, out / "base_model", cfg.seed)
+    if (Path(path) / "adapter_config.json").exists():
+        path = _merged_policy_base(path, out / "policy_base", is_main)
+    tokenizer = models.load_tokenizer(path, cfg.model)
+    torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
+    if cfg.peft.method == "full":
+        policy = models.load_causal_lm(path, cfg.model, "full")
+        ac = actor_critic.build_full(policy)
+    else:
+        base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
+        ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"))
+    return tokenizer, ac, path
+
+
+def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool) -> str:
+    """An SFT adapter becomes the PPO starting point by merging it into its base once (on disk, so
+    QLoRA can load the merged weights in 4 bits and the saved PPO adapter names a real base)."""
+    from accelerate import PartialState
+
+    from rlhf.merge import merge
+
+    if is_main and not (out / "config.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        merge(adapter_dir, str(out))
+    PartialState().wait_for_everyone()
+    return str(out.resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout
+
+
+@dataclass
+class Rollout:
+    """One iteration's experience on this process."""
+
+    prompts: list  # B message lists
+    query_ids: torch.Tensor  # (B, P) left-padded
+    query_mask: torch.Tensor  # (B, P)
+    responses: torch.Tensor  # (B, A) padded after the stop token
+    response_mask: torch.Tensor  # (B, A) bool, the stop token included
+    logprobs: torch.Tensor  # (B, A)
+    ref_logprobs: torch.Tensor  # (B, A)
+    values: torch.Tensor  # (B, A)
+    scores: torch.Tensor  # (B,) after normalisation, clipping and EOS penalty
+    raw_scores: torch.Tensor  # (B,) as the reward returned them
+    kl: torch.Tensor  # (B, A) per-token KL estimate (0 outside the mask)
+    rewards: torch.Tensor = None  # (B, A)
+    advantages: torch.Tensor = None  # (B, A)
+    returns: torch.Tensor = None  # (B, A)
+
+    @property
+    def sequences(self):
+        """(input_ids (B, T), attention_mask (B, T), position_ids (B, T)) of prompt + response."""
+        ids = torch.cat([self.query_ids, self.responses], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+        return ids, mask, position_ids(mask)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, as `generate` uses with left padding."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, prompt_len: int, temperature: float):
+    """logits (B, T, V) -> logprobs of the response tokens (B, A) at the sampling temperature."""
+    logits = logits[:, prompt_len - 1:-1] / temperature
+    return core.logprobs_from_logits(logits, responses)
+
+
+@torch.no_grad()
+def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_id):
+    """Sample responses (B, A), padded to max_new_tokens."""
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=p.temperature,
+                         top_p=p.top_p, top_k=0, max_new_tokens=p.max_new_tokens, eos_token_id=stop_id,
+                         pad_token_id=pad_id, use_cache=True)
+    responses = out[:, query_ids.shape[1]:]
+    if responses.shape[1] < p.max_new_tokens:  # every row stopped early
+        pad = responses.new_full((responses.shape[0], p.max_new_tokens - responses.shape[1]), pad_id)
+        responses = torch.cat([responses, pad], dim=1)
+    return responses
+
+
+@torch.no_grad()
+def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk):
+    """Policy and reference logprobs and critic values (each (B, A)), `chunk` rows at a time."""
+    lp, ref_lp, vals = [], [], []
+    for i in range(0, ids.shape[0], chunk):
+        s = slice(i, i + chunk)
+        logits, values = ac(ids[s], mask[s], pos[s])
+        lp.append(response_logprobs(logits, responses[s], prompt_len, temperature))
+        vals.append(values[:, prompt_len - 1:-1].float())
+        ref_logits = ac.reference_logits(ids[s], mask[s], pos[s])
+        ref_lp.append(response_logprobs(ref_logits, responses[s], prompt_len, temperature))
+    return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals)
+
+
+# ---------------------------------------------------------------------------------------------
+# the PPO update
+
+
+def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyperparameters, sizes: BatchSizes,
+               generator: torch.Generator) -> dict[str, float]:
+    """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss. Each micro-batch's loss
+    is weighted by its share of the mini-batch's response tokens, so gradient accumulation gives the
+    same update as one big batch (token-level mean over the mini-batch)."""
+    ids, mask, pos = r.sequences
+    P = r.query_ids.shape[1]
+    stats: dict[str, list[float]] = {}
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(sizes.local_rollout, generator=generator)
+        for start in range(0, sizes.local_rollout, sizes.local_mini_batch):
+            mb = order[start:start + sizes.local_mini_batch]
+            mb_tokens = r.response_mask[mb].sum().clamp(min=1)
+            for m0 in range(0, sizes.local_mini_batch, sizes.micro_batch):
+                i = mb[m0:m0 + sizes.micro_batch]
+                rmask = r.response_mask[i]
+                with accelerator.accumulate(model):
+                    logits, values = model(ids[i], mask[i], pos[i])
+                    new_lp = response_logprobs(logits, r.responses[i], P, cfg.temperature)
+                    new_values = values[:, P - 1:-1].float()
+                    pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
+                    vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask, cfg.cliprange_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    entropy = core.masked_mean(core.entropy_from_logits(logits[:, P - 1:-1].detach()), rmask)
+                    if cfg.entropy_coef:
+                        ent = core.masked_mean(core.entropy_from_logits(logits[:, P - 1:-1] / cfg.temperature), rmask)
+                        loss = loss - cfg.entropy_coef * ent
+                    # accelerate divides by gradient_accumulation_steps; re-weight by token share instead.
+                    weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps
+                    accelerator.backward(loss * weight)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:  # not prepared by accelerate, which would step it
+                        scheduler.step()            # once per process
+                    optimizer.zero_grad()
+                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg["clipfrac"],
+                             "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"],
+                             "val/clipfrac": vf["clipfrac"], "policy/entropy": entropy}.items():
+                    stats.setdefault(k, []).append(float(v))
+    model.eval()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) -> None:
+    """Write checkpoint-{step} atomically: everything goes to a temporary folder that is renamed
+    once complete (ppo_state.json, written last, marks it complete)."""
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints.complete_checkpoints(out, STATE_FILE)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def export_models(accelerator, ac_wrapped, tokenizer, out: Path, base_path: str) -> None:
+    """The trained policy (adapter or full model, + tokenizer) in out/policy, the critic in out/critic:
+    ordinary directories that peft/transformers load."""
+    state = accelerator.get_state_dict(ac_wrapped)  # gathers ZeRO-3 shards
+    if not accelerator.is_main_process:
+        return
+    ac = accelerator.unwrap_model(ac_wrapped)
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    tmp = out / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if ac.shared:
+        ac.policy.save_pretrained(tmp / "policy", selected_adapters=["policy"], state_dict=sub("policy."))
+        ac.policy.save_pretrained(tmp / "critic", selected_adapters=["critic"], state_dict=sub("policy."))
+        for d in ("policy", "critic"):  # peft nests non-default adapters in a sub-folder; flatten it
+            nested = tmp / d / d
+            if nested.exists():
+                for f in nested.iterdir():
+                    os.replace(f, tmp / d / f.name)
+                nested.rmdir()
+            cfg_file = tmp / d / "adapter_config.json"
+            adapter_cfg = json.loads(cfg_file.read_text())
+            adapter_cfg["base_model_name_or_path"] = base_path
+            cfg_file.write_text(json.dumps(adapter_cfg, indent=2))
+    else:
+        ac.policy.save_pretrained(tmp / "policy", state_dict=sub("policy."), safe_serialization=True)
+        ac.critic.save_pretrained(tmp / "critic", state_dict=sub("critic."), safe_serialization=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sub("value_head.").items()}, tmp / "critic" / "value_head.safetensors")
+    tokenizer.save_pretrained(tmp / "policy")
+    checkpoints.publish_dir(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def main(cfg: PPOConfig, reward=None) -> list[dict]:
+    """Run PPO; returns the per-iteration metrics (also in output_dir/metrics.jsonl and W&B).
+    `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`)."""
+    import transformers
+    from tqdm.auto import tqdm
+
+    from rlhf.distributed import make_accelerator
+
+    check(cfg)
+    p, out = cfg.ppo, Path(cfg.output_dir)
+    accelerator = make_accelerator(p.gradient_accumulation_steps)
+    sizes = batch_sizes(p, accelerator.num_processes)
+    resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
+    prompts = load_prompts(cfg.data)
+    if len(prompts) < sizes.global_rollout:
+        raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch "
+                        f"({sizes.global_rollout} = {p.per_device_rollout_batch_size} x {sizes.world} processes)")
+    if reward is None:
+        from reward.interface import load_reward
+
+        reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
+                             batch_size=cfg.reward.batch_size, device=accelerator.device)
+    tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process)
+    stop_id = None if p.stop_token is None else (
+        tokenizer.eos_token_id if p.stop_token == "eos" else tokenizer.convert_tokens_to_ids(p.stop_token))
+    if stop_id is not None and stop_id == tokenizer.pad_token_id:
+        raise UserError("ppo.stop_token must differ from the PAD token")
+
+    params = [q for q in ac.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay, eps=1e-5)
+    warmup = int(p.warmup_steps * sizes.optimizer_steps) if p.warmup_steps < 1 else int(p.warmup_steps)
+    scheduler = transformers.get_scheduler(p.lr_scheduler_type, optimizer, warmup, sizes.optimizer_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = sizes.micro_batch
+        ds["gradient_accumulation_steps"] = p.gradient_accumulation_steps
+        ds["gradient_clipping"] = p.max_grad_norm
+    model, optimizer = accelerator.prepare(ac, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+
+    kl_ctl = (core.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
+              else core.FixedKLController(p.kl_coef))
+    moments = core.RunningMoments()
+    history: list[dict] = []
+    start_step = 0
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        state = json.loads((Path(resume_from) / STATE_FILE).read_text())
+        start_step, history = state["step"], state["history"]
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        moments.load_state_dict(state["reward_moments"])
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+
+    if accelerator.is_main_process:
+        config.save(cfg, out / "rlhf_config.yaml")
+        with open(out / "metrics.jsonl", "w") as f:  # a resumed run rewrites what its checkpoint knew
+            f.writelines(json.dumps(m) + "\n" for m in history)
+    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, accelerator.is_main_process)
+    trainable = sum(q.numel() for q in params)
+    accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
+                      f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
+
+    rank, world = accelerator.process_index, sizes.world
+    eos_history: list[float] = []
+    bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
+               disable=not accelerator.is_main_process)
+    for step in bar:
+        t0 = time.perf_counter()
+        # The data position is a function of the step: an epoch-seeded permutation, this rank's slice.
+        per_epoch = len(prompts) // sizes.global_rollout
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        idx = perm[k * sizes.global_rollout + rank * sizes.local_rollout:][:sizes.local_rollout]
+        batch_prompts = [prompts[i] for i in idx.tolist()]
+
+        # 1. rollout
+        query_ids, query_mask = left_pad(encode_prompts(tokenizer, batch_prompts, p.max_prompt_length),
+                                         tokenizer.pad_token_id)
+        query_ids, query_mask = query_ids.to(accelerator.device), query_mask.to(accelerator.device)
+        with _generation_context(model, accelerator) as gen_model:
+            responses = generate(gen_model.generation_model(), query_ids, query_mask, p, stop_id,
+                                 tokenizer.pad_token_id)
+        if stop_id is not None:
+            responses, response_mask = core.truncate_after_stop_token(responses, stop_id, tokenizer.pad_token_id)
+        else:
+            response_mask = responses != tokenizer.pad_token_id
+        contains_eos = (responses == stop_id).any(-1) if stop_id is not None else torch.ones_like(response_mask[:, 0])
+        t_gen = time.perf_counter()
+
+        # 2. logprobs and values of the sampled responses
+        ids = torch.cat([query_ids, responses], 1)
+        mask = torch.cat([query_mask, response_mask.long()], 1)
+        logprobs, ref_logprobs, values = forward_rollout(unwrapped, ids, mask, position_ids(mask), responses,
+                                                         query_ids.shape[1], p.temperature, sizes.forward)
+        t_fwd = time.perf_counter()
+
+        # 3. score
+        texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        raw = torch.as_tensor(reward.score(batch_prompts, texts), dtype=torch.float32).to(accelerator.device)
+        scores = reward.score(batch_prompts, texts, normalize=True).float().to(accelerator.device) \
+            if p.reward_normalization == "model" else raw.clone()
+        nan = ~torch.isfinite(scores)
+        if nan.any():
+            warnings.warn(f"step {step}: {int(nan.sum())} reward(s) are NaN/inf; they count as 0 this step")
+            scores = scores.masked_fill(nan, 0.0)
+        if p.reward_normalization == "running":
+            moments.update(accelerator.gather(scores))
+            scores = (scores - moments.mean) / max(moments.std, 1e-8)
+        if p.reward_clip is not None:
+            scores = scores.clamp(-p.reward_clip, p.reward_clip)
+        scores = core.missing_eos_penalty(scores, contains_eos, p.missing_eos_penalty)
+        t_score = time.perf_counter()
+
+        # 4-5. KL-penalised per-token rewards, GAE
+        kl = core.kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * response_mask
+        r = Rollout(batch_prompts, query_ids, query_mask, responses, response_mask, logprobs, ref_logprobs,
+                    values, scores, raw, kl)
+        r.rewards = core.per_token_rewards(scores, kl, response_mask, kl_ctl.value)
+        r.advantages, r.returns = core.gae(r.rewards, values, response_mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            r.advantages = core.masked_whiten(r.advantages, response_mask)
+
+        # 6. update
+        train_stats = ppo_update(accelerator, model, optimizer, scheduler, r, p,
+                                 sizes, torch.Generator().manual_seed(cfg.seed * 1000003 + step))
+        t_train = time.perf_counter()
+
+        # metrics (means over every process)
+        seq_kl = kl.sum(-1)
+        g = lambda x: accelerator.gather(x.detach().float().reshape(-1)).mean().item()  # noqa: E731
+        n_tokens = accelerator.gather(mask.sum().reshape(1)).sum().item()
+        metrics = {
+            "step": step + 1,
+            "objective/scores": g(raw),
+            "objective/scores_normalized": g(scores),
+            "objective/kl": g(seq_kl),
+            "objective/non_score_reward": g(-kl_ctl.value * seq_kl),
+            "objective/rlhf_reward": g(scores - kl_ctl.value * seq_kl),
+            "objective/kl_coef": kl_ctl.value,
+            "objective/nan_scores": g(nan.float()),
+            "val/explained_variance": g(core.explained_variance(values, r.returns, response_mask)),
+            "val/mean": g(core.masked_mean(values, response_mask)),
+            "response/length": g(response_mask.sum(-1)),
+            "response/eos_rate": g(contains_eos.float()),
+            **{k: g(torch.tensor(v)) for k, v in train_stats.items()},
+            "lr": scheduler.get_last_lr()[0],
+            "time/generate": t_gen - t0,
+            "time/forward": t_fwd - t_gen,
+            "time/score": t_score - t_fwd,
+            "time/train": t_train - t_score,
+            "time/step": t_train - t0,
+            "tokens_per_second": n_tokens / (t_train - t0),
+            "memory/peak_gb": peak_memory_gb(),
+        }
+        kl_ctl.update(metrics["objective/kl"], sizes.global_rollout)
+        history.append(metrics)
+        _warn(metrics, eos_history, step)
+        if accelerator.is_main_process:
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if run is not None:
+                run.log(metrics, step=step + 1)
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                _log_samples(run, tokenizer, batch_prompts, texts, raw, cfg.num_samples, step + 1)
+
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == p.steps:
+            save_checkpoint(accelerator, out, step + 1,
+                            {"step": step + 1, "history": history, "kl_ctl": kl_ctl.state_dict(),
+                             "reward_moments": moments.state_dict()}, cfg.save_total_limit)
+
+    export_models(accelerator, model, tokenizer, out, base_path)
+    if accelerator.is_main_process and history:
+        first, last = history[0], history[-1]
+        print(f"ppo done: score {first['objective/scores']:.4f} -> {last['objective/scores']:.4f}, "
+              f"KL {first['objective/kl']:.4f} -> {last['objective/kl']:.4f}; policy in {out / 'policy'}")
+    tracking.finish(run)
+    return history
+
+
+@contextmanager
+def _generation_context(model, accelerator):
+    """The unwrapped ActorCritic, with (under ZeRO-3) only the policy's weights gathered for generation:
+    not the critic's or the reference's."""
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield unwrapped
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+        yield unwrapped
+
+
+def _warn(m: dict, eos_history: list[float], step: int) -> None:
+    if m["objective/kl"] < -0.01:
+        warnings.warn(f"step {step + 1}: objective/kl is negative ({m['objective/kl']:.4f}): the k1 estimate is "
+                      "only unbiased for sampled tokens; check that sampling and logprobs use the same temperature")
+    eos_history.append(m["response/eos_rate"])
+    if len(eos_history) > 3 and max(eos_history[:3]) > 0.5 and m["response/eos_rate"] < 0.1:
+        warnings.warn(f"step {step + 1}: the EOS rate collapsed to {m['response/eos_rate']:.2f}: responses run to "
+                      "max_new_tokens; consider ppo.missing_eos_penalty")
+    if not math.isfinite(m["objective/scores"]):
+        warnings.warn(f"step {step + 1}: the reward is NaN")
+
+
+def _log_samples(run, tokenizer, prompts, texts, scores, n, step) -> None:
+    rows = [(p[-1]["content"], t, float(s)) for p, t, s in zip(prompts[:n], texts[:n], scores[:n])]
+    print(f"\nsamples at step {step}:")
+    for prompt, text, score in rows:
+        print(f"  [{score:+.3f}] {prompt[:60]!r} -> {text[:80]!r}")
+    if run is not None:
+        import wandb
+
+        run.log({"samples": wandb.Table(columns=["prompt", "response", "score"], data=rows)}, step=step)
