@@ -11,6 +11,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (wandb_log)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and several processes (2-rank runs, subprocesses)
+# each spinning 2 OpenMP threads on 2 cores run up to 100x slower (measured on PPO steps).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def real_file(name: str) -> Path:

@@ -1,0 +1,194 @@
+"""PPO on the tiny model: the reward rises, only adapters and value head move, every knob shows in
+the metrics, gradient accumulation does not change the update, prompts load from every source."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, real_file
+from rewards import DigitReward, NaNReward
+from rlhf import config, ppo
+from rlhf.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tmp_path_factory):
+    """A tiny policy that has learnt the synthetic tasks: the SFT quickstart (full SFT, ~15 s)."""
+    from rlhf import sft
+
+    out = tmp_path_factory.mktemp("sft") / "policy"
+    sft.main(config.parse(config.SFTConfig, ["--config", str(REPO / "configs" / "sft_tiny.yaml"),
+                                             "--output_dir", str(out)],
+                          "rlhf sft"))
+    return str(out)
+
+
+def ppo_config(tmp_path, policy, *args):
+    base = ["--model.name_or_path", policy, "--data.train", "builtin:quickstart_prompts",
+            "--output_dir", str(tmp_path / "ppo"), "--ppo.steps", "2", "--ppo.learning_rate", "3e-3",
+            "--ppo.max_new_tokens", "8", "--ppo.per_device_rollout_batch_size", "16",
+            "--ppo.num_mini_batches", "2", "--ppo.temperature", "1.0", "--sample_every", "0", "--save_steps", "1000"]
+    return config.parse(ppo.PPOConfig, base + list(args), "rlhf ppo")
+
+
+def test_reward_rises_while_kl_stays_bounded(tmp_path, sft_policy):
+    cfg = ppo_config(tmp_path, sft_policy, "--ppo.steps", "40", "--ppo.per_device_rollout_batch_size", "32",
+                     "--ppo.kl_coef", "0.02")
+    h = ppo.main(cfg, reward=DigitReward())
+    first = sum(m["objective/scores"] for m in h[:5]) / 5
+    last = sum(m["objective/scores"] for m in h[-5:]) / 5
+    assert last > first + 0.15, (first, last)
+    assert max(m["objective/kl"] for m in h) < 6.0
+    assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0: policy == reference at start
+    # The exported policy adapter loads on its base with plain peft and is not the base any more.
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ppo"
+    x = torch.tensor([[3, 40, 41, 42]])
+    with torch.no_grad():
+        tuned = AutoPeftModelForCausalLM.from_pretrained(out / "policy")(input_ids=x).logits
+        base = AutoModelForCausalLM.from_pretrained(sft_policy)(input_ids=x).logits
+    assert (tuned - base).abs().max() > 1e-3
+    assert (out / "critic" / "value_head.safetensors").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 41))
+
+
+def initial_state(cfg) -> dict[str, torch.Tensor]:
+    from accelerate import PartialState
+
+    PartialState()
+    _, ac, _ = ppo.build_models(cfg, True)
+    return {k: v.detach().clone() for k, v in ac.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_only_policy_critic_and_value_head_change(tmp_path, sft_policy, method):
+    cfg = ppo_config(tmp_path, sft_policy, "--peft.method", method, "--save_steps", "2")
+    before = initial_state(cfg)
+    ppo.main(cfg, reward=DigitReward())
+    after = load_file(tmp_path / "ppo" / "checkpoint-2" / "model.safetensors")
+    assert set(after) <= set(before)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    if method == "lora":
+        assert changed and all(("lora_" in k) or k.startswith("value_head.") for k in changed)
+        assert any("lora_B.policy" in k for k in changed) and any("lora_B.critic" in k for k in changed)
+        assert {"value_head.summary.weight", "value_head.summary.bias"} <= changed
+    else:
+        assert not any(k.startswith("reference.") for k in changed)  # the frozen reference copy
+        assert any(k.startswith("policy.") for k in changed) and any(k.startswith("critic.") for k in changed)
+        assert "value_head.summary.weight" in changed
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path, sft_policy):
+    one = ppo_config(tmp_path / "a", sft_policy, "--ppo.steps", "1", "--save_steps", "1")
+    two = ppo_config(tmp_path / "b", sft_policy, "--ppo.steps", "1", "--save_steps", "1",
+                     "--ppo.gradient_accumulation_steps", "4")
+    ppo.main(one, reward=DigitReward())
+    ppo.main(two, reward=DigitReward())
+    a = load_file(tmp_path / "a" / "ppo" / "checkpoint-1" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "ppo" / "checkpoint-1" / "model.safetensors")
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        moved += int("lora_B" in k and a[k].abs().max() > 0)
+    assert moved > 0  # the update did something
+
+
+def _run(tmp_path, policy, *args, reward=None):
+    return ppo.main(ppo_config(tmp_path, policy, *args), reward=reward or DigitReward())
+
+
+def test_kl_coef_and_kl_estimator(tmp_path, sft_policy):
+    h0 = _run(tmp_path / "a", sft_policy, "--ppo.kl_coef", "0")
+    assert all(m["objective/non_score_reward"] == 0 for m in h0)
+    assert all(m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"]) for m in h0)
+    h1 = _run(tmp_path / "b", sft_policy, "--ppo.kl_coef", "0.5", "--ppo.kl_estimator", "k2")
+    # k2 = (log p - log q)^2 / 2 >= 0 per token, so the penalty can only lower the reward
+    assert all(m["objective/kl"] >= 0 and m["objective/non_score_reward"] <= 0 for m in h1)
+    assert h1[1]["objective/non_score_reward"] == pytest.approx(-0.5 * h1[1]["objective/kl"], rel=1e-4)
+
+
+def test_adaptive_kl_moves_the_coefficient(tmp_path, sft_policy):
+    h = _run(tmp_path, sft_policy, "--ppo.steps", "3", "--ppo.adaptive_kl", "true", "--ppo.kl_target", "0.01",
+             "--ppo.kl_horizon", "100", "--ppo.kl_coef", "0.1")
+    coefs = [m["objective/kl_coef"] for m in h]
+    assert h[0]["objective/kl"] == pytest.approx(0, abs=1e-6) and coefs[1] < coefs[0]  # KL below target: falls
+    assert h[1]["objective/kl"] > 0.01 and coefs[2] > coefs[1]  # KL above target: rises
+
+
+def test_reward_normalisation_clip_and_eos_penalty(tmp_path, sft_policy):
+    h = _run(tmp_path / "a", sft_policy, "--ppo.reward_normalization", "running")
+    assert abs(h[0]["objective/scores_normalized"]) < 1e-5  # first batch: its own mean is subtracted
+    h = _run(tmp_path / "b", sft_policy, "--ppo.reward_clip", "0.05")
+    assert all(m["objective/scores_normalized"] <= 0.05 + 1e-6 for m in h)
+    assert any(m["objective/scores"] > 0.05 for m in h)
+    # One token per response: nothing ends with EOS, so every score pays the penalty.
+    # One token per response: most cannot end with EOS, and those pay the penalty.
+    h = _run(tmp_path / "c", sft_policy, "--ppo.max_new_tokens", "1", "--ppo.missing_eos_penalty", "2.0")
+    for m in h:
+        assert m["response/eos_rate"] < 0.9 and m["response/length"] == 1
+        expected = m["objective/scores"] - 2.0 * (1 - m["response/eos_rate"])
+        assert m["objective/scores_normalized"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_sampling_knobs(tmp_path, sft_policy):
+    cold = _run(tmp_path / "a", sft_policy, "--ppo.temperature", "0.3", "--ppo.max_new_tokens", "12")
+    hot = _run(tmp_path / "b", sft_policy, "--ppo.temperature", "2.0", "--ppo.max_new_tokens", "12")
+    assert hot[0]["policy/entropy"] > cold[0]["policy/entropy"]
+    assert all(m["response/length"] <= 12 for m in cold + hot)
+    assert cold[0]["response/eos_rate"] > 0.8  # a trained policy stops at the stop token
+    free = _run(tmp_path / "c", sft_policy, "--ppo.stop_token", "None", "--ppo.max_new_tokens", "6",
+                "--ppo.temperature", "0.3")
+    assert free[0]["response/length"] > cold[0]["response/length"]  # no truncation after EOS
+
+
+def test_value_clip_and_vf_coef(tmp_path, sft_policy):
+    h = _run(tmp_path / "a", sft_policy, "--ppo.cliprange_value", "1e-6", "--ppo.ppo_epochs", "2")
+    assert h[0]["val/clipfrac"] > 0.3
+    h = _run(tmp_path / "b", sft_policy, "--ppo.cliprange_value", "None", "--ppo.ppo_epochs", "2")
+    assert h[0]["val/clipfrac"] == 0
+    h = _run(tmp_path / "c", sft_policy, "--ppo.cliprange", "1e-6", "--ppo.ppo_epochs", "3")
+    assert h[0]["policy/clipfrac"] > 0.2
+
+
+def test_nan_reward_is_reported_not_propagated(tmp_path, sft_policy):
+    with pytest.warns(UserWarning, match="NaN"):
+        h = _run(tmp_path, sft_policy, reward=NaNReward())
+    assert h[0]["objective/nan_scores"] == 1.0
+    assert all(torch.isfinite(torch.tensor(m["loss/policy"])) for m in h)
+
+
+def test_batch_sizes_divide_exactly():
+    p = ppo.PPOHyperparameters(per_device_rollout_batch_size=16, num_mini_batches=2, gradient_accumulation_steps=4,
+                               steps=10, ppo_epochs=3)
+    s = ppo.batch_sizes(p, world=2)
+    assert (s.global_rollout, s.local_mini_batch, s.micro_batch, s.optimizer_steps) == (32, 8, 2, 60)
+    with pytest.raises(UserError, match=r"divisible by ppo.num_mini_batches \(3\)"):
+        ppo.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, num_mini_batches=3), 1)
+    with pytest.raises(UserError, match=r"divisible by\s+ppo.gradient_accumulation_steps \(3\)"):
+        ppo.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, gradient_accumulation_steps=3), 1)
+
+
+def test_prompts_from_every_source(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"prompt": "plain text"}]
+    (tmp_path / "m.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    assert ppo.load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "m.jsonl"))) == [[{"role": "user", "content": "hi"}]]
+    assert ppo.load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "p.jsonl"))) == [
+        [{"role": "user", "content": "plain text"}]]
+    builtin = ppo.load_prompts(ppo.PromptDataConfig())
+    assert len(builtin) > 100 and all(p[-1]["role"] == "user" for p in builtin)
+
+
+def test_hh_rlhf_prompts_usable_directly():
+    prompts = ppo.load_prompts(ppo.PromptDataConfig(train=str(real_file("hh_rlhf_helpful_base_test_first1000.jsonl"))))
+    assert len(prompts) > 500
+    assert all(p[-1]["role"] == "user" for p in prompts)
+    assert any(len(p) > 1 for p in prompts)  # multi-turn context kept
