@@ -18,3 +18,17 @@ class DigitReward:
 class NaNReward:
     def score(self, prompts, responses, normalize=False):
         return torch.full((len(responses),), float("nan"))
+
+
+_calls = 0
+
+
+def digit_fraction_then_crash(prompts, responses):
+    """`digit_fraction`, but the process dies (like `kill -9`) on call number RLHF_TEST_CRASH_AT_CALL."""
+    import os
+
+    global _calls
+    _calls += 1
+    if _calls == int(os.environ.get("RLHF_TEST_CRASH_AT_CALL", "0")):
+        os._exit(137)
+    return digit_fraction(prompts, responses)
