@@ -16,7 +16,6 @@ Shapes: B batch, T prompt+response tokens, V vocabulary.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import torch
@@ -109,8 +108,12 @@ class ActorCritic(nn.Module):
         return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).logits
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        """(policy logits (B, T, V), values (B, T)) in one call: what a training step needs."""
+    def forward(self, input_ids, attention_mask, position_ids, reference: bool = False):
+        """(policy logits (B, T, V), values (B, T)) in one call: what a training step needs; with
+        `reference`, (reference logits, None). Everything goes through forward so that a DeepSpeed
+        engine wrapping this module sees (and, under ZeRO-3, gathers for) every call."""
+        if reference:
+            return self.reference_logits(input_ids, attention_mask, position_ids), None
         return (self.policy_logits(input_ids, attention_mask, position_ids),
                 self.values(input_ids, attention_mask, position_ids))
 
@@ -136,15 +139,14 @@ def build_shared_lora(base: nn.Module, lora_config, critic_lora_config=None) -> 
     return ActorCritic(model, head)
 
 
-def build_full(policy: nn.Module, critic_lm: nn.Module | None = None) -> ActorCritic:
-    """Trainable policy, a separate critic (the body of a copy of the policy unless given; its LM head
-    would get no gradient, which DDP refuses), a frozen reference copy of the initial policy."""
-    disable_dropout(policy)
-    reference = copy.deepcopy(policy).eval()
-    critic = backbone(critic_lm if critic_lm is not None else copy.deepcopy(policy))
-    disable_dropout(critic)
+def build_full(policy: nn.Module, critic_lm: nn.Module, reference: nn.Module) -> ActorCritic:
+    """Trainable policy, a separate critic (the body of `critic_lm`: its LM head would get no gradient,
+    which DDP refuses), a frozen reference. Three separately loaded models, not deep copies: under
+    ZeRO-3 the weights are partitioned as they load, and a copy of a partitioned model is empty."""
+    for m in (policy, critic_lm, reference):
+        disable_dropout(m)
     head = ValueHead(policy.config.hidden_size)
-    return ActorCritic(policy, head, critic=critic, reference=reference)
+    return ActorCritic(policy, head, critic=backbone(critic_lm), reference=reference.eval())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

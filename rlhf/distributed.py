@@ -23,8 +23,14 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     if mixed_precision is None:
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision)
-    if acc.num_processes != world:
-        raise UserError(f"launch mismatch: WORLD_SIZE={world} but accelerate sees {acc.num_processes} process(es); "
-                        "on CPU use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` "
-                        "(plain `--cpu --num_processes N` starts one process)")
+    check_world_size(world, acc.num_processes)
     return acc
+
+
+def check_world_size(world_size_env: int, num_processes: int) -> None:
+    """Refuse a launch where the launcher and accelerate disagree on the number of processes: data
+    would not be sharded and every metric would be wrong."""
+    if world_size_env != num_processes:
+        raise UserError(f"launch mismatch: WORLD_SIZE={world_size_env} but accelerate sees {num_processes} "
+                        "process(es); on CPU use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+                        "--num_processes N` (plain `--cpu --num_processes N` starts one process)")

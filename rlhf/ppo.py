@@ -313,8 +313,8 @@ def build_models(cfg: PPOConfig, is_main: bool):
     tokenizer = models.load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
     if cfg.peft.method == "full":
-        policy = models.load_causal_lm(path, cfg.model, "full")
-        ac = actor_critic.build_full(policy)
+        policy, critic, reference = (models.load_causal_lm(path, cfg.model, "full") for _ in range(3))
+        ac = actor_critic.build_full(policy, critic, reference)
     else:
         base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
         ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"))
@@ -399,7 +399,7 @@ def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chun
         logits, values = ac(ids[s], mask[s], pos[s])
         lp.append(response_logprobs(logits, responses[s], prompt_len, temperature))
         vals.append(values[:, prompt_len - 1:-1].float())
-        ref_logits = ac.reference_logits(ids[s], mask[s], pos[s])
+        ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True)
         ref_lp.append(response_logprobs(ref_logits, responses[s], prompt_len, temperature))
     return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals)
 
@@ -446,7 +446,7 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg["clipfrac"],
                              "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"],
                              "val/clipfrac": vf["clipfrac"], "policy/entropy": entropy}.items():
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(float(v.detach()))
     model.eval()
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -545,6 +545,7 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
         raise UserError("ppo.stop_token must differ from the PAD token")
 
     params = [q for q in ac.parameters() if q.requires_grad]
+    trainable = sum(getattr(q, "ds_numel", q.numel()) for q in params)  # ZeRO-3 shards hold 0 elements here
     optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay, eps=1e-5)
     warmup = int(p.warmup_steps * sizes.optimizer_steps) if p.warmup_steps < 1 else int(p.warmup_steps)
     scheduler = transformers.get_scheduler(p.lr_scheduler_type, optimizer, warmup, sizes.optimizer_steps)
@@ -576,7 +577,6 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
         with open(out / "metrics.jsonl", "w") as f:  # a resumed run rewrites what its checkpoint knew
             f.writelines(json.dumps(m) + "\n" for m in history)
     run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, accelerator.is_main_process)
-    trainable = sum(q.numel() for q in params)
     accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
                       f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
 
@@ -610,7 +610,7 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
         # 2. logprobs and values of the sampled responses
         ids = torch.cat([query_ids, responses], 1)
         mask = torch.cat([query_mask, response_mask.long()], 1)
-        logprobs, ref_logprobs, values = forward_rollout(unwrapped, ids, mask, position_ids(mask), responses,
+        logprobs, ref_logprobs, values = forward_rollout(model, ids, mask, position_ids(mask), responses,
                                                          query_ids.shape[1], p.temperature, sizes.forward)
         t_fwd = time.perf_counter()
 

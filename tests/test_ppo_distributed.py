@@ -1,0 +1,62 @@
+"""PPO with 2 CPU processes: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (gloo; ../shared/docs/environment.md)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import REPO
+from rlhf.distributed import check_world_size
+from rlhf.errors import UserError
+from test_ppo import sft_policy  # noqa: F401  (session fixture)
+
+pytest.importorskip("deepspeed")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+       "PYTHONWARNINGS": "ignore"}
+
+LAUNCH = {
+    "ddp": ["--multi_gpu"],
+    "zero2": ["--use_deepspeed", "--deepspeed_config_file", "configs/accelerate/ds_zero2.json"],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", "configs/accelerate/ds_zero3.json"],
+}
+
+
+def launch(kind, out, policy, method):
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"} if kind == "ddp" else ENV
+    cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", *LAUNCH[kind], "-m", "rlhf", "ppo", "--model.name_or_path", policy,
+           "--data.train", "builtin:quickstart_prompts", "--output_dir", str(out), "--peft.method", method,
+           "--ppo.steps", "3", "--ppo.max_new_tokens", "8", "--ppo.per_device_rollout_batch_size", "8",
+           "--ppo.num_mini_batches", "2", "--ppo.learning_rate", "3e-3", "--ppo.temperature", "1.0",
+           "--reward.spec", "tests/rewards.py:digit_fraction", "--sample_every", "0", "--save_steps", "3"]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("kind, method", [("ddp", "lora"), ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora")])
+def test_two_process_ppo(tmp_path, sft_policy, kind, method):  # noqa: F811
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ppo"
+    p = launch(kind, out, sft_policy, method)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "2 process(es), rollout 16/step" in p.stdout  # both ranks take part, each with its own prompts
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert all(0 <= m["objective/scores"] <= 1 and m["objective/kl"] > -1 for m in history)
+    assert history[-1]["objective/kl"] != 0  # the policy moved away from the reference
+    # The exported policy is whole (ZeRO-3 gathered it) and loads on one process.
+    x = torch.tensor([[3, 40, 41, 42]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(sft_policy)(input_ids=x).logits
+        loader = AutoModelForCausalLM if method == "full" else AutoPeftModelForCausalLM
+        tuned = loader.from_pretrained(out / "policy")(input_ids=x).logits
+    assert tuned.shape == base.shape and (tuned - base).abs().max() > 1e-4
+
+
+def test_world_size_mismatch_is_refused():
+    check_world_size(2, 2)
+    with pytest.raises(UserError, match=r"WORLD_SIZE=2 but accelerate sees 1 process\(es\)"):
+        check_world_size(2, 1)
