@@ -1,10 +1,13 @@
 """The `rlhf` command: one subcommand per stage or tool.
 
     rlhf sft --config FILE [--section.field VALUE ...]
+    rlhf reward | classifier --config FILE [--section.field VALUE ...]
+    rlhf eval reward --model DIR --data SOURCE
+    rlhf data check SOURCE [--format F]
     rlhf merge ADAPTER_DIR OUT_DIR
     rlhf estimate-memory --model NAME_OR_SIZE --method full|lora|qlora --zero 0-3 --gpus N
 
-Mistakes in what the user gave (`UserError`, and model loading errors) print one line and exit 2.
+Mistakes in what the user gave (`UserError`, model loading errors, `RewardError`) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ USAGE = """usage: rlhf <command> [options]
 
 commands:
   sft              supervised fine-tuning (full or PEFT)          rlhf sft --help
+  reward           train a reward model on preference pairs        rlhf reward --help
+  classifier       train a text classifier (usable as a reward)     rlhf classifier --help
+  eval reward      accuracy and calibration of a reward model       rlhf eval reward --help
+  data check       read preference data, show counts and examples   rlhf data check --help
   ppo              PPO against a reward model, classifier or function  rlhf ppo --help
+  pipeline         SFT -> reward model -> PPO in one command    rlhf pipeline --help
   merge            merge a LoRA adapter into a full model           rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup           rlhf estimate-memory --help
 """
@@ -35,6 +43,41 @@ def _ppo(argv: list[str]) -> None:
     ppo.main(config.parse(ppo.PPOConfig, argv, "rlhf ppo"))
 
 
+def _reward(argv: list[str]) -> None:
+    from rlhf import config, reward_stage
+
+    reward_stage.main(config.parse(config.RewardConfig, argv, "rlhf reward"))
+
+
+def _classifier(argv: list[str]) -> None:
+    from rlhf import classifier_stage, config
+
+    classifier_stage.main(config.parse(config.ClassifierConfig, argv, "rlhf classifier"))
+
+
+def _eval(argv: list[str]) -> None:
+    from rlhf import config
+
+    if not argv or argv[0] != "reward":
+        raise UserError("expected what to evaluate: `rlhf eval reward --model DIR --data SOURCE` "
+                        "(see rlhf eval reward --help)")
+    from rlhf import eval_reward
+
+    eval_reward.main(config.parse(config.EvalRewardConfig, argv[1:], "rlhf eval reward"))
+
+
+def _data(argv: list[str]) -> None:
+    from rlhf import data_check
+
+    data_check.cli(argv)
+
+
+def _pipeline(argv: list[str]) -> None:
+    from rlhf import config, pipeline
+
+    pipeline.main(config.parse(pipeline.PipelineConfig, argv, "rlhf pipeline"))
+
+
 def _merge(argv: list[str]) -> None:
     from rlhf import merge
 
@@ -47,7 +90,8 @@ def _estimate_memory(argv: list[str]) -> None:
     memory.cli(argv)
 
 
-COMMANDS = {"sft": _sft, "ppo": _ppo, "merge": _merge, "estimate-memory": _estimate_memory}
+COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _eval, "data": _data, "ppo": _ppo, "pipeline": _pipeline,
+            "merge": _merge, "estimate-memory": _estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
     from policies.models import ModelLoadError
+    from reward.errors import RewardError
 
     try:
         COMMANDS[command](rest)
-    except (UserError, ModelLoadError) as e:
+    except (UserError, ModelLoadError, RewardError) as e:
         print(f"rlhf {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
