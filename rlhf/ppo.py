@@ -308,6 +308,8 @@ def build_models(cfg: PPOConfig, is_main: bool):
 
     out = Path(cfg.output_dir)
     path = models.materialize(cfg.model, out / "base_model", cfg.seed)
+    if Path(path).is_dir():  # absolute, so the exported adapter names a base that loads from anywhere
+        path = str(Path(path).resolve())
     if (Path(path) / "adapter_config.json").exists():
         path = _merged_policy_base(path, out / "policy_base", is_main)
     tokenizer = models.load_tokenizer(path, cfg.model)
