@@ -221,3 +221,24 @@ def test_wandb_offline_run_holds_ppo_metrics_and_samples(tmp_path, sft_policy, m
     info = wandb_log.run_info(run_file)
     assert info.project == "ppo-test"
     assert {i.key for i in info.config.update} >= {"ppo", "model", "reward"}
+
+
+def test_advantage_and_return_knobs(tmp_path, sft_policy):
+    white = _run(tmp_path / "a", sft_policy, "--ppo.steps", "1")
+    assert white[0]["policy/advantages_std"] == pytest.approx(1.0, abs=0.05)
+    assert abs(white[0]["policy/advantages_mean"]) < 1e-4
+    raw = _run(tmp_path / "b", sft_policy, "--ppo.steps", "1", "--ppo.whiten_advantages", "false")
+    assert raw[0]["policy/advantages_std"] != pytest.approx(1.0, abs=0.05)
+    # Same rollout (same seed); only the discount differs: returns shrink with gamma.
+    short = _run(tmp_path / "c", sft_policy, "--ppo.steps", "1", "--ppo.gamma", "0.5", "--ppo.lam", "1.0")
+    full = _run(tmp_path / "d", sft_policy, "--ppo.steps", "1", "--ppo.gamma", "1.0", "--ppo.lam", "1.0")
+    assert short[0]["objective/scores"] == full[0]["objective/scores"]
+    assert short[0]["val/returns_mean"] != pytest.approx(full[0]["val/returns_mean"], abs=1e-4)
+
+
+def test_learning_rate_schedule(tmp_path, sft_policy):
+    linear = _run(tmp_path / "a", sft_policy, "--ppo.steps", "3", "--ppo.lr_scheduler_type", "linear")
+    const = _run(tmp_path / "b", sft_policy, "--ppo.steps", "3", "--ppo.lr_scheduler_type", "constant")
+    assert [m["lr"] for m in const] == [3e-3] * 3
+    lrs = [m["lr"] for m in linear]
+    assert lrs[0] < 3e-3 and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
