@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from reward.errors import RewardError
 
     try:
+        if command not in ("merge", "estimate-memory", "data"):
+            from rlhf import launch
+
+            code = launch.relaunch(command, rest)
+            if code is not None:
+                return code
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:
         print(f"rlhf {command}: error: {e}", file=sys.stderr)

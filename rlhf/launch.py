@@ -1,0 +1,86 @@
+"""`rlhf <stage> ... --accelerate PRESET [--num_processes N]`: relaunch this command under
+`accelerate launch` with a shipped preset (configs/accelerate/PRESET.yaml) or your own accelerate
+config file, so nobody has to remember the accelerate command line.
+
+    rlhf sft --config configs/sft_tiny.yaml --accelerate zero3 --num_processes 8
+    == accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 8 -m rlhf sft --config ...
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlhf.errors import UserError
+
+PRESETS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "two_node")
+# Options that belong to the launcher, not to the stage (value-taking).
+LAUNCH_OPTIONS = ("--accelerate", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                  "--main_process_port")
+LAUNCHED_ENV = "RLHF_LAUNCHED"  # set in the children: they run the stage, they do not relaunch
+
+
+def preset_path(name: str) -> Path:
+    """A preset name -> its file (looked up under ./configs/accelerate, then the source checkout), or a path."""
+    if name in PRESETS:
+        for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+            path = root / "configs" / "accelerate" / f"{name}.yaml"
+            if path.exists():
+                return path
+        raise UserError(f"--accelerate {name}: preset file configs/accelerate/{name}.yaml not found "
+                        "(run from the project checkout, or pass the path of an accelerate config file)")
+    path = Path(name)
+    if not path.is_file():
+        raise UserError(f"--accelerate '{name}' is neither a preset ({', '.join(PRESETS)}) nor an accelerate "
+                        "config file")
+    return path
+
+
+def split(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Launcher options (without their dashes) and the stage's own arguments."""
+    launch, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in LAUNCH_OPTIONS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"{key} expects a value")
+                value, i = argv[i + 1], i + 1
+            launch[key[2:]] = value
+        else:
+            rest.append(arg)
+        i += 1
+    if launch and "accelerate" not in launch:
+        raise UserError(f"{', '.join('--' + k for k in launch)} only make sense with --accelerate PRESET")
+    return launch, rest
+
+
+def command(stage: str, launch: dict[str, str], rest: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line and the extra environment for it."""
+    import torch
+
+    path = preset_path(launch["accelerate"])
+    cmd = ["accelerate", "launch", "--config_file", str(path)]
+    for key in LAUNCH_OPTIONS[1:]:
+        if key[2:] in launch:
+            cmd += [key, launch[key[2:]]]
+    env = {LAUNCHED_ENV: "1"}
+    preset = yaml.safe_load(path.read_text()) or {}
+    if preset.get("distributed_type") in ("MULTI_GPU", "MULTI_CPU") and not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo on a CPU-only machine
+    return cmd + ["-m", "rlhf", stage, *rest], env
+
+
+def relaunch(stage: str, argv: list[str]) -> int | None:
+    """Relaunch under accelerate when --accelerate is given (returns the exit code), else None."""
+    launch, rest = split(argv)
+    if not launch or os.environ.get(LAUNCHED_ENV):
+        return None
+    cmd, env = command(stage, launch, rest)
+    print("rlhf: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, env={**os.environ, **env}).returncode
