@@ -23,7 +23,7 @@ Give three tips for staying healthy: eat well, sleep enough, exercise regularly.
 def main() -> None:
     synthetic.main()
     texts = [GENERAL_TEXT] * 4
-    for path in sorted(BUILTIN_DIR.glob("*.jsonl")):
+    for path in [BUILTIN_DIR / "quickstart_sft.jsonl"]:  # the tokenizer shipped was trained on this file only
         with open(path, encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)

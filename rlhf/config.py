@@ -319,3 +319,239 @@ def save(cfg: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward models and classifiers: `rlhf reward`, `rlhf classifier`, `rlhf eval reward`
+
+PreferenceFormat = Literal["auto", "hh_rlhf", "ultrafeedback_binarized", "ultrafeedback_raw", "shp",
+                           "pku_saferlhf", "oasst", "helpsteer2", "pairs"]
+
+
+@dataclass
+class PairFormatOptions:
+    """Options of the preference formats; each is read only by the formats it names."""
+
+    pairing: Optional[Literal["best_vs_rest", "all_pairs"]] = None
+    """ultrafeedback_raw, helpsteer2, oasst: `best_vs_rest` pairs the best reply with each worse one,
+    `all_pairs` every two replies with different scores. None: the format's default (best_vs_rest;
+    all_pairs for oasst)."""
+    score_field: str = "fine-grained_score"
+    """ultrafeedback_raw: the completion field that ranks replies."""
+    min_score_ratio: Optional[float] = 2.0
+    """shp: drop pairs whose score_ratio is below this (None keeps all)."""
+    preference: Literal["helpful", "safe"] = "helpful"
+    """pku_saferlhf: which label picks the chosen reply (better_response_id or safer_response_id)."""
+    weights: Optional[dict[str, float]] = None
+    """helpsteer2: attribute weights of the single score (None: those of Nemotron-4-340B-Reward)."""
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Preference pairs: where they come from and how they are read (see `rlhf data check`)."""
+
+    train: str = "builtin:quickstart_prefs"
+    """Training pairs: a local .jsonl/.json/.csv/.parquet file, `builtin:NAME`, or a hub dataset
+    `owner/name` (`owner/name:config` for a configuration)."""
+    validation: Optional[str] = None
+    """Validation pairs (same forms as `train`). None: hold out `validation_split` of `train`."""
+    validation_split: float = 0.1
+    """Fraction of `train` held out for validation when `validation` is None (0 disables evaluation)."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    format: PreferenceFormat = "auto"
+    """Source format (hh_rlhf, ultrafeedback_binarized, ultrafeedback_raw, shp, pku_saferlhf, oasst,
+    helpsteer2, or pairs: prompt/chosen/rejected/margin); `auto` detects it from the columns."""
+    column_map: dict[str, str] = field(default_factory=dict)
+    """{field the format reads: column in the file}, e.g. `{prompt: question, chosen: good, rejected: bad}`."""
+    options: PairFormatOptions = field(default_factory=PairFormatOptions)
+    max_samples: Optional[int] = None
+    """Use only the first N training pairs (after conversion)."""
+    max_length_chars: Optional[int] = None
+    """Drop pairs whose prompt plus longer reply exceed this many characters (None keeps all)."""
+
+
+@dataclass
+class RewardTrainConfig:
+    """Optimisation, evaluation and checkpointing of a reward model."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    num_train_epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run num_train_epochs)."""
+    per_device_train_batch_size: int = 8
+    """Pairs (or examples) per device per forward pass."""
+    per_device_eval_batch_size: int = 8
+    """Pairs (or examples) per device per evaluation forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
+    warmup_steps: float = 0
+    """Linear learning-rate warm-up: a number of steps, or a fraction in [0, 1) of all steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_length: int = 1024
+    """Tokens per sequence; longer ones lose the start of their prompt (the reply is kept whole when it fits).
+    Scoring later cuts the same way."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision. None: on when a GPU supports it."""
+    logging_steps: int = 10
+    """Log metrics every N optimizer steps."""
+    eval_steps: int = 50
+    """Evaluate on the validation set every N steps."""
+    save_steps: Optional[int] = None
+    """Checkpoint every N steps (None: same as eval_steps; must be a multiple of eval_steps so the
+    best checkpoint can be kept)."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk (the best one is always kept)."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many evaluations without improvement of metric_for_best_model (None: never)."""
+    early_stopping_threshold: float = 0.0
+    """Smallest improvement of metric_for_best_model that counts."""
+    metric_for_best_model: Literal["loss", "accuracy"] = "loss"
+    """Validation metric that picks the best checkpoint (kept and reloaded at the end) and drives early stopping."""
+
+
+@dataclass
+class RewardOptions:
+    """The reward-model objective and what is saved with the model."""
+
+    use_margin: bool = False
+    """Bradley-Terry loss with the pair's margin, -log sigmoid(r_chosen - r_rejected - margin_scale * margin)
+    (Llama 2, Touvron et al. 2023); pairs without a margin use 0."""
+    margin_scale: float = 1.0
+    """Multiplies the data's margins (they are on each source's own scale)."""
+    center_rewards_coefficient: Optional[float] = None
+    """Add coef * mean((r_chosen + r_rejected)^2) to the loss so rewards stay centred on 0
+    (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244); 0.01 is typical. None: off."""
+    normalize_on: Literal["validation", "train"] = "validation"
+    """Reference set whose scores give the stored normalisation mean and std (chosen and rejected replies)."""
+    normalize_samples: int = 1000
+    """Pairs of the reference set scored for the normalisation statistics."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template file for the reward model's tokenizer (saved with it). None: the
+    tokenizer's own, or a plain `Role: text` template when it has none."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training on preference pairs (`rlhf reward`), on trl.RewardTrainer."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    reward: RewardOptions = field(default_factory=RewardOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/reward"
+    """Where the reward model (adapter with its score head, or full model), tokenizer, reward_info.json,
+    checkpoints and resolved config are written."""
+    seed: int = 42
+    """Seed for the score head's initialisation, data split and shuffling."""
+    resume: Optional[str] = None
+    """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
+
+
+@dataclass
+class ClassifierDataConfig:
+    """Labelled text for a classifier, and its train/validation/test splits."""
+
+    train: Optional[str] = None
+    """Labelled text: a local .jsonl/.json/.csv/.parquet file, `builtin:NAME`, or a hub dataset."""
+    validation: Optional[str] = None
+    """Validation data (same forms). None: hold out `validation_split` of `train`."""
+    test: Optional[str] = None
+    """Held-out test data for the final metrics. None: hold out `test_split` of `train`."""
+    validation_split: float = 0.1
+    """Fraction of `train` held out for validation when `validation` is None."""
+    test_split: float = 0.1
+    """Fraction of `train` held out for testing when `test` is None."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    text_column: str = "text"
+    """Column with the text to classify."""
+    label_columns: list[str] = field(default_factory=lambda: ["label"])
+    """One column of class labels (binary or multi-class: integers or names), or several 0/1
+    columns, one per label (multi-label, e.g. Jigsaw's toxic, obscene, insult, ...)."""
+    multi_label: Optional[bool] = None
+    """Independent labels (sigmoid per label) or one class per text (softmax). None: multi-label
+    when there are several label_columns."""
+    label_names: Optional[list[str]] = None
+    """Names of the classes of a single integer label column (0, 1, ...), e.g. [not_offensive, offensive].
+    None: the values found, as text."""
+    max_samples: Optional[int] = None
+    """Use only the first N rows of `train` (before splitting)."""
+
+
+@dataclass
+class ClassifierTrainConfig(RewardTrainConfig):
+    """Optimisation, evaluation and checkpointing of a classifier."""
+
+    max_length: int = 512
+    """Tokens per text; longer texts are cut at the end (scoring cuts the same way)."""
+    metric_for_best_model: Literal["loss", "f1", "roc_auc", "accuracy"] = "loss"
+    """Validation metric that picks the best checkpoint and drives early stopping (f1 and roc_auc are macro averages)."""
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its probability is at least this."""
+
+
+@dataclass
+class ClassifierConfig:
+    """Sequence-classifier fine-tuning (`rlhf classifier`), usable afterwards as a reward."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/classifier"
+    """Where the classifier (adapter with its head, or full model), tokenizer, reward_info.json,
+    metrics.json, checkpoints and resolved config are written."""
+    seed: int = 42
+    """Seed for the head's initialisation, the data splits and shuffling."""
+    resume: Optional[str] = None
+    """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
+    reward_label: Optional[str] = None
+    """Label whose probability is the reward when the classifier is loaded with no label
+    (`load_reward(dir)`): a label name, or not_NAME for its absence (e.g. not_toxic)."""
+
+
+@dataclass
+class EvalRewardConfig:
+    """Evaluate a reward model on preference pairs (`rlhf eval reward`): accuracy, accuracy by margin
+    bucket, calibration and the score distribution, as a table and JSON."""
+
+    model: str = ""
+    """Reward model directory (from `rlhf reward`), or a transformers reward model directory or hub id."""
+    data: str = ""
+    """Preference pairs: a local file, `builtin:NAME` or a hub dataset (see `rlhf data check`)."""
+    format: PreferenceFormat = "auto"
+    """Source format; `auto` detects it from the columns."""
+    column_map: dict[str, str] = field(default_factory=dict)
+    """{field the format reads: column in the file}."""
+    options: PairFormatOptions = field(default_factory=PairFormatOptions)
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first N pairs."""
+    max_length_chars: Optional[int] = None
+    """Drop pairs whose prompt plus longer reply exceed this many characters."""
+    batch_size: int = 16
+    """Sequences scored per forward pass."""
+    max_length: Optional[int] = None
+    """Tokens kept per sequence (None: the length the model was trained with)."""
+    buckets: int = 4
+    """Margin buckets (quantiles) for accuracy by margin."""
+    calibration_bins: int = 10
+    """Confidence bins of the expected calibration error."""
+    output: Optional[str] = None
+    """JSON report path. None: `eval_reward_<data name>.json` in the model directory (not written for a hub id)."""
+    device: Optional[str] = None
+    """`cpu`, `cuda`, `cuda:1`, ... None: the GPU when there is one."""

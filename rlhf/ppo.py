@@ -148,6 +148,10 @@ class PPOHyperparameters:
     """AdamW weight decay."""
     forward_batch_size: Optional[int] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
+    critic_init: Literal["policy", "reward"] = "policy"
+    """Start the critic from the policy (value head random), or from the reward model (InstructGPT):
+    its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full mode,
+    its body the critic; its score head becomes the value head."""
 
 
 @dataclass
@@ -302,7 +306,26 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 # models
 
 
-def build_models(cfg: PPOConfig, is_main: bool):
+@contextmanager
+def unpartitioned(accelerator):
+    """Load models whole even when the launch turns ZeRO-3 init on (`zero3_init_flag`): merging an
+    adapter, or scoring with a frozen reward model, needs full weights. (accelerate's own
+    `zero3_init_context_manager(enable=False)` leaves transformers' stage-3 config in place.)"""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(plugin, "dschf", None) is not None:
+            set_hf_deepspeed_config(plugin.dschf)
+
+
+def build_models(cfg: PPOConfig, is_main: bool, accelerator=None):
     """Tokenizer and ActorCritic for cfg.peft.method; the SFT adapter (if the policy is one) is merged first."""
     from policies import actor_critic, models
 
@@ -311,16 +334,84 @@ def build_models(cfg: PPOConfig, is_main: bool):
     if Path(path).is_dir():  # absolute, so the exported adapter names a base that loads from anywhere
         path = str(Path(path).resolve())
     if (Path(path) / "adapter_config.json").exists():
-        path = _merged_policy_base(path, out / "policy_base", is_main)
+        with unpartitioned(accelerator):
+            path = _merged_policy_base(path, out / "policy_base", is_main)
     tokenizer = models.load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
+    from_reward = cfg.ppo.critic_init == "reward"
+    rm_info = _reward_model_info(cfg.reward.spec, cfg.peft.method, path) if from_reward else None
     if cfg.peft.method == "full":
-        policy, critic, reference = (models.load_causal_lm(path, cfg.model, "full") for _ in range(3))
+        policy, reference = (models.load_causal_lm(path, cfg.model, "full") for _ in range(2))
+        critic = _load_reward_body(cfg.reward.spec) if from_reward else models.load_causal_lm(path, cfg.model, "full")
         ac = actor_critic.build_full(policy, critic, reference)
     else:
         base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
-        ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"))
+        critic_lora = _reward_lora_config(cfg.reward.spec) if from_reward else None
+        ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"), critic_lora)
+    if from_reward:
+        _init_critic_from_reward(ac, cfg.reward.spec, rm_info)
     return tokenizer, ac, path
+
+
+def _reward_model_info(spec: str, method: str, policy_path: str) -> dict:
+    from reward.models import read_info
+
+    info = read_info(spec) if Path(spec).is_dir() else None
+    if info is None or info["kind"] != "preference":
+        raise UserError(f"ppo.critic_init=reward needs reward.spec to be a reward-model directory "
+                        f"(`rlhf reward` output); '{spec}' is not")
+    if method == "full" and info.get("adapter"):
+        raise UserError(f"ppo.critic_init=reward with peft.method=full needs a fully fine-tuned reward model; "
+                        f"'{spec}' is a LoRA adapter (use peft.method=lora, or train the reward model fully)")
+    if method != "full":
+        if not info.get("adapter"):
+            raise UserError(f"ppo.critic_init=reward with peft.method={method} needs a LoRA reward model on the "
+                            f"policy's base; '{spec}' is a full model (use peft.method=full)")
+        if str(Path(info["base_model"]).resolve()) != str(Path(policy_path).resolve()):
+            raise UserError(f"ppo.critic_init=reward: the reward model's base '{info['base_model']}' is not the "
+                            f"policy's base '{policy_path}', so its adapter cannot become the critic adapter")
+    return info
+
+
+def _reward_lora_config(spec: str):
+    """The reward model's LoRA shape, for a causal-LM critic adapter (its dropout off)."""
+    import peft
+
+    rm = peft.PeftConfig.from_pretrained(spec)
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=rm.r, lora_alpha=rm.lora_alpha, lora_dropout=0.0,
+                           target_modules=rm.target_modules, use_rslora=rm.use_rslora, use_dora=rm.use_dora)
+
+
+def _load_reward_body(spec: str):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True)
+
+
+def _init_critic_from_reward(ac, spec: str, info: dict) -> None:
+    """Copy the reward model's adapter (LoRA layout) and score head into the critic."""
+    from safetensors.torch import load_file
+
+    if ac.shared:
+        import peft
+
+        weights = load_file(Path(spec) / "adapter_model.safetensors")
+        score = weights.pop(next(k for k in weights if k.endswith("score.weight")))
+        lora = {k: v for k, v in weights.items() if "lora_" in k}
+        result = peft.set_peft_model_state_dict(ac.policy, lora, adapter_name="critic")
+        missing = [k for k in result.unexpected_keys if "lora_" in k]
+        if missing:
+            raise UserError(f"ppo.critic_init=reward: {len(missing)} reward-model adapter weights have no place in "
+                            f"the critic adapter (e.g. {missing[0]})")
+    else:
+        score = load_file(next(Path(spec).glob("*.safetensors")))
+        score = score[next(k for k in score if k.endswith("score.weight"))]
+    if score.shape != ac.value_head.summary.weight.shape:
+        raise UserError(f"ppo.critic_init=reward: the reward model's score head {tuple(score.shape)} does not fit "
+                        f"the value head {tuple(ac.value_head.summary.weight.shape)} (different hidden size)")
+    with torch.no_grad():
+        ac.value_head.summary.weight.copy_(score)
+        ac.value_head.summary.bias.zero_()
 
 
 def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool) -> str:
@@ -463,6 +554,7 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) 
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -538,9 +630,10 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
     if reward is None:
         from reward.interface import load_reward
 
-        reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
-                             batch_size=cfg.reward.batch_size, device=accelerator.device)
-    tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process)
+        with unpartitioned(accelerator):  # a frozen scorer: whole on every process
+            reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
+                                 batch_size=cfg.reward.batch_size, device=accelerator.device)
+    tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process, accelerator)
     stop_id = None if p.stop_token is None else (
         tokenizer.eos_token_id if p.stop_token == "eos" else tokenizer.convert_tokens_to_ids(p.stop_token))
     if stop_id is not None and stop_id == tokenizer.pad_token_id:

@@ -2,13 +2,15 @@
 
 Each task is a short instruction whose correct reply is computed, so a tiny model can learn it in
 a few hundred steps and later stages can judge replies exactly. It generates the bundled quickstart
-data (`python -m rlhf.synthetic` rewrites `rlhf/assets/data/`).
+data (`python -m rlhf.synthetic` rewrites `rlhf/assets/data/`): SFT conversations and preference
+pairs (correct answer chosen over a wrong one of the same kind).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 WORDS = ("cat dog sun moon tree bird fish star rain snow leaf rock boat kite lamp rose frog wolf "
@@ -52,6 +54,53 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"messages": conversation(rng)} for _ in range(n)]
 
 
+def wrong_answer(question: str, answer: str, rng: random.Random) -> str:
+    """A wrong reply of the same kind as `answer` to one of `_task`'s questions.
+
+    Some are wrong in form (the word not reversed, lower case), some only in content (another
+    word, an off-by-one number), so a reward model has both easy and hard pairs to learn from.
+    """
+    other = rng.choice([x for x in WORDS if x not in question.split()])
+    if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
+        w = m.group(1)
+        options = [w, other[::-1], w[1:] + w[0]] if w[1:] + w[0] != answer else [w, other[::-1]]
+    elif m := re.fullmatch(r"Write (\w+) in capital letters\.", question):
+        w = m.group(1)
+        options = [w, other.upper(), w.capitalize()]
+    elif re.fullmatch(r"What is \d+ plus \d+\?", question) or question.startswith("What number comes after"):
+        n = int(answer)
+        options = [str(n + d) for d in (-2, -1, 1, 2) if n + d >= 0]
+    elif m := re.fullmatch(r"Repeat (\w+) (\d+) times\.", question):
+        w, n = m.group(1), int(m.group(2))
+        options = [" ".join([w] * (n - 1)), " ".join([w] * (n + 1)), " ".join([other] * n)]
+    elif m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
+        given = m.group(1).split()
+        options = [" ".join(given), " ".join(sorted(given, reverse=True))]
+    else:
+        raise ValueError(f"not a synthetic task question: {question!r}")
+    options = [o for o in options if o != answer]
+    return rng.choice(options)
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` up to its last
+    question, `chosen` the correct answer, `rejected` a wrong answer of the same kind."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = conversation(rng)
+        prompt, answer = messages[:-1], messages[-1]["content"]
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong_answer(prompt[-1]["content"], answer, rng),
+                     "margin": None})
+    return rows
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` PPO prompts: conversations up to their last question (`prompt` as messages)."""
+    rng = random.Random(seed)
+    return [{"prompt": conversation(rng)[:-1]} for _ in range(n)]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -62,6 +111,8 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 def main() -> None:
     out = Path(__file__).parent / "assets" / "data"
     write_jsonl(sft_rows(800, seed=0), out / "quickstart_sft.jsonl")
+    write_jsonl(preference_rows(600, seed=1), out / "quickstart_prefs.jsonl")
+    write_jsonl(prompt_rows(400, seed=2), out / "quickstart_prompts.jsonl")
     print(f"wrote {out}")
 
 

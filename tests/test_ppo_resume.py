@@ -36,7 +36,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkeypatc
     straight = ppo.main(config.parse(ppo.PPOConfig, args(tmp_path / "straight", sft_policy), "t"), reward=DigitReward())
 
     out = tmp_path / "killed"
-    env = {**os.environ, "RLHF_TEST_CRASH_AT_CALL": "5", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    # A fresh process, as after a real kill: not attached to this test process's W&B service.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"RLHF_TEST_CRASH_AT_CALL": "5", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
     p = subprocess.run([sys.executable, "-m", "rlhf", "ppo", *args(out, sft_policy), "--tracking.report_to", "wandb"],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 137, p.stderr[-2000:]  # died during step 5, after checkpoint-4
