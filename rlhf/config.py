@@ -51,8 +51,8 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation, evaluation and checkpointing."""
+class OptimConfig:
+    """Optimisation, evaluation and checkpointing, shared by the Trainer-based stages."""
 
     learning_rate: float = 2e-4
     """Peak learning rate."""
@@ -61,9 +61,9 @@ class TrainConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run num_train_epochs)."""
     per_device_train_batch_size: int = 8
-    """Sequences per device per forward pass."""
+    """Rows (sequences, pairs or examples) per device per forward pass."""
     per_device_eval_batch_size: int = 8
-    """Sequences per device per evaluation forward pass."""
+    """Rows per device per evaluation forward pass."""
     gradient_accumulation_steps: int = 1
     """Forward/backward passes per optimizer step."""
     lr_scheduler_type: str = "cosine"
@@ -76,10 +76,6 @@ class TrainConfig:
     """Gradient clipping norm."""
     max_length: int = 1024
     """Truncate tokenised sequences to this many tokens."""
-    packing: bool = False
-    """Pack several sequences into each row (no padding; attention kept within each sequence)."""
-    completion_only_loss: bool = True
-    """Loss only on the completion / assistant turns (False: on every token)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     bf16: Optional[bool] = None
@@ -97,6 +93,16 @@ class TrainConfig:
     """Stop after this many evaluations without improvement of the validation loss (None: never)."""
     early_stopping_threshold: float = 0.0
     """Smallest validation-loss decrease that counts as an improvement."""
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """SFT optimisation, evaluation and checkpointing."""
+
+    packing: bool = False
+    """Pack several sequences into each row (no padding; attention kept within each sequence)."""
+    completion_only_loss: bool = True
+    """Loss only on the completion / assistant turns (False: on every token)."""
 
 
 @dataclass
@@ -372,45 +378,16 @@ class PreferenceDataConfig:
 
 
 @dataclass
-class RewardTrainConfig:
+class RewardTrainConfig(OptimConfig):
     """Optimisation, evaluation and checkpointing of a reward model."""
 
     learning_rate: float = 1e-4
     """Peak learning rate."""
-    num_train_epochs: float = 1.0
-    """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run num_train_epochs)."""
-    per_device_train_batch_size: int = 8
-    """Pairs (or examples) per device per forward pass."""
-    per_device_eval_batch_size: int = 8
-    """Pairs (or examples) per device per evaluation forward pass."""
-    gradient_accumulation_steps: int = 1
-    """Forward/backward passes per optimizer step."""
     lr_scheduler_type: str = "linear"
     """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
-    warmup_steps: float = 0
-    """Linear learning-rate warm-up: a number of steps, or a fraction in [0, 1) of all steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
     max_length: int = 1024
     """Tokens per sequence; longer ones lose the start of their prompt (the reply is kept whole when it fits).
     Scoring later cuts the same way."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    bf16: Optional[bool] = None
-    """bf16 mixed precision. None: on when a GPU supports it."""
-    logging_steps: int = 10
-    """Log metrics every N optimizer steps."""
-    eval_steps: int = 50
-    """Evaluate on the validation set every N steps."""
-    save_steps: Optional[int] = None
-    """Checkpoint every N steps (None: same as eval_steps; must be a multiple of eval_steps so the
-    best checkpoint can be kept)."""
-    save_total_limit: int = 2
-    """Checkpoints kept on disk (the best one is always kept)."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations without improvement of metric_for_best_model (None: never)."""
     early_stopping_threshold: float = 0.0
