@@ -30,6 +30,7 @@ from reward import models as reward_models
 from reward.errors import RewardError
 from rlhf import checkpoints, config, tracking
 from rlhf.config import ClassifierConfig, ClassifierDataConfig
+from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
 from rlhf.sources import load_rows
 
@@ -207,7 +208,7 @@ def training_args(cfg: ClassifierConfig, has_eval: bool, bf16: bool):
         max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing, bf16=bf16,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps or t.eval_steps,
         save_total_limit=t.save_total_limit, report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [],
-        run_name=cfg.tracking.run_name, remove_unused_columns=False, **eval_kwargs,
+        run_name=cfg.tracking.run_name, remove_unused_columns=False, ddp_backend=ddp_backend(), **eval_kwargs,
     )
 
 
@@ -217,6 +218,7 @@ def build(cfg: ClassifierConfig):
     import transformers
 
     check(cfg)
+    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
     transformers.set_seed(cfg.seed)
     splits, names, multi_label = load_classifier_data(cfg.data, cfg.seed)
@@ -225,8 +227,9 @@ def build(cfg: ClassifierConfig):
                         "or not_NAME")
     sizes = ", ".join(f"{len(ds)} {name}" for name, ds in splits.items() if ds is not None)
     print(f"data: {sizes} rows; {'multi-label' if multi_label else 'single-label'}, labels: {', '.join(names)}")
-    base = models.materialize(cfg.model, out / "base_model", cfg.seed)
-    base = reward_models.merged_base(base, out / "base_model", cfg.model)  # an SFT adapter: merged first
+    with main_process_first():  # rank 0 writes the base, the others then read it
+        base = models.materialize(cfg.model, out / "base_model", cfg.seed)
+        base = reward_models.merged_base(base, out / "base_model", cfg.model)  # an SFT adapter: merged first
     tokenizer = models.load_tokenizer(base, cfg.model)
     problem = "multi_label_classification" if multi_label else "single_label_classification"
     try:
@@ -299,7 +302,9 @@ def save(trainer, cfg: ClassifierConfig, names: list[str], multi_label: bool, no
     metrics.json to cfg.output_dir, each file appearing whole."""
     out = Path(cfg.output_dir)
     tmp = out / ".final.tmp"
-    trainer.save_model(str(tmp))
+    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
+    if not trainer.is_world_process_zero():  # which writes the files
+        return
     trainer.processing_class.save_pretrained(str(tmp))
     reward_models.write_info(tmp, {
         "kind": "classifier",
@@ -351,10 +356,11 @@ def main(cfg: ClassifierConfig) -> dict:
         metrics["validation"] = scored(splits["validation"], ref_logits)
     norm = {**normalization(ref_logits, names, multi_label), "reference": ref}
 
+    save(trainer, cfg, names, multi_label, norm, metrics)
     if trainer.is_world_process_zero():
-        save(trainer, cfg, names, multi_label, norm, metrics)
         print(f"test set ({len(splits['test'])} texts):")
         print(metrics_table({"classifier": test, "majority-class baseline": baseline}, test["per_label"]))
         print(f"classifier done: saved to {out}")
+    barrier()  # no process ends (and tears the group down) mid-publish
     tracking.finish(run)
     return metrics

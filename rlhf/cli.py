@@ -58,9 +58,14 @@ def _classifier(argv: list[str]) -> None:
 def _eval(argv: list[str]) -> None:
     from rlhf import config
 
-    if not argv or argv[0] != "reward":
-        raise UserError("expected what to evaluate: `rlhf eval reward --model DIR --data SOURCE` "
-                        "(see rlhf eval reward --help)")
+    if not argv or argv[0] not in ("reward", "policy"):
+        raise UserError("expected what to evaluate: `rlhf eval reward --model DIR --data SOURCE` or "
+                        "`rlhf eval policy --policy DIR --reference DIR --reward.spec SPEC` (add --help)")
+    if argv[0] == "policy":
+        from rlhf import eval_policy
+
+        eval_policy.main(config.parse(eval_policy.EvalPolicyConfig, argv[1:], "rlhf eval policy"))
+        return
     from rlhf import eval_reward
 
     eval_reward.main(config.parse(config.EvalRewardConfig, argv[1:], "rlhf eval reward"))

@@ -29,6 +29,7 @@ from reward import models as reward_models
 from reward.errors import RewardError
 from rlhf import checkpoints, config, tracking
 from rlhf.config import PairFormatOptions, PreferenceDataConfig, RewardConfig
+from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
 from rlhf.preference_data import FORMATS, load_pairs
 
@@ -165,7 +166,7 @@ def trl_args(cfg: RewardConfig, has_eval: bool, bf16: bool):
         save_strategy="steps", save_steps=t.save_steps or t.eval_steps, save_total_limit=t.save_total_limit,
         center_rewards_coefficient=cfg.reward.center_rewards_coefficient,
         report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [], run_name=cfg.tracking.run_name,
-        disable_dropout=True, **eval_kwargs,
+        disable_dropout=True, ddp_backend=ddp_backend(), **eval_kwargs,
     )
 
 
@@ -176,14 +177,16 @@ def build(cfg: RewardConfig):
     import trl
 
     check(cfg)
+    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
     transformers.set_seed(cfg.seed)
     train_pairs, val_pairs, _ = load_preference_data(cfg.data, cfg.seed)  # bad data fails before any writing
     print(f"data: {len(train_pairs)} training pairs, {len(val_pairs) if val_pairs else 0} validation pairs")
     if cfg.reward.use_margin:
         check_margins(train_pairs, "training")
-    base = models.materialize(cfg.model, out / "base_model", cfg.seed)
-    base = reward_models.merged_base(base, out / "base_model", cfg.model)  # an SFT adapter: merged first
+    with main_process_first():  # rank 0 writes the base, the others then read it
+        base = models.materialize(cfg.model, out / "base_model", cfg.seed)
+        base = reward_models.merged_base(base, out / "base_model", cfg.model)  # an SFT adapter: merged first
     tokenizer = models.load_tokenizer(base, cfg.model)
     try:
         if reward_models.ensure_chat_template(tokenizer, cfg.reward.chat_template):
@@ -238,7 +241,9 @@ def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None
     metrics.json to cfg.output_dir, each file appearing whole."""
     out = Path(cfg.output_dir)
     tmp = out / ".final.tmp"
-    trainer.save_model(str(tmp))
+    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
+    if not trainer.is_world_process_zero():  # which writes the files
+        return
     trainer.processing_class.save_pretrained(str(tmp))
     reward_models.write_info(tmp, {
         "kind": "preference",
@@ -283,12 +288,13 @@ def main(cfg: RewardConfig) -> dict:
     norm = {**interface.normalization_stats(torch.cat([chosen, rejected])), "reference": cfg.reward.normalize_on}
     metrics["normalization"] = norm
 
+    save(trainer, cfg, norm, metrics)
     if trainer.is_world_process_zero():
-        save(trainer, cfg, norm, metrics)
         acc = (f"validation accuracy {metrics['eval_accuracy_before']:.3f} -> {metrics['eval_accuracy']:.3f}; "
                if "eval_accuracy_before" in metrics else
                f"validation accuracy {metrics['eval_accuracy']:.3f}; " if "eval_accuracy" in metrics else "")
         print(f"reward done: {acc}score mean {norm['mean']:.3f}, std {norm['std']:.3f} on {norm['n']} "
               f"{cfg.reward.normalize_on} replies; saved to {out}")
+    barrier()  # no process ends (and tears the group down) mid-publish
     tracking.finish(run)
     return metrics

@@ -17,6 +17,7 @@ import torch
 from policies import models
 from rlhf import checkpoints, config, tracking
 from rlhf.config import SFTConfig
+from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
 from rlhf.sft_data import load_sft_data
 
@@ -48,8 +49,11 @@ def trl_args(cfg: SFTConfig, fmt: str, has_eval: bool, bf16: bool):
     t = cfg.train
     eval_kwargs = {}
     if has_eval:
+        # The loss before training is taken inside train() (eval_on_start), not by an evaluate() call
+        # before it: under DeepSpeed ZeRO-3 that call builds an inference engine and train() then fails.
         eval_kwargs = dict(eval_strategy="steps", eval_steps=t.eval_steps, load_best_model_at_end=True,
-                           metric_for_best_model="eval_loss", greater_is_better=False)
+                           metric_for_best_model="eval_loss", greater_is_better=False,
+                           eval_on_start=cfg.resume is None)
     return trl.SFTConfig(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
         learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
@@ -62,7 +66,7 @@ def trl_args(cfg: SFTConfig, fmt: str, has_eval: bool, bf16: bool):
         completion_only_loss=t.completion_only_loss if fmt in ("prompt_completion", "alpaca") else None,
         bf16=bf16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps or t.eval_steps,
         save_total_limit=t.save_total_limit, report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [],
-        run_name=cfg.tracking.run_name, dataset_num_proc=None, **eval_kwargs,
+        run_name=cfg.tracking.run_name, dataset_num_proc=None, ddp_backend=ddp_backend(), **eval_kwargs,
     )
 
 
@@ -72,11 +76,13 @@ def build(cfg: SFTConfig):
     import trl
 
     check(cfg)
+    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
     transformers.set_seed(cfg.seed)
     train_ds, eval_ds, fmt = load_sft_data(cfg.data, cfg.seed)  # first: bad data fails before any writing
     print(f"data: {len(train_ds)} training rows, {len(eval_ds) if eval_ds else 0} validation rows, format {fmt}")
-    base = models.materialize(cfg.model, out / "base_model", cfg.seed)
+    with main_process_first():  # rank 0 writes the base, the others then read it
+        base = models.materialize(cfg.model, out / "base_model", cfg.seed)
     tokenizer = models.load_tokenizer(base, cfg.model)
     model = models.load_causal_lm(base, cfg.model, cfg.peft.method)
 
@@ -99,28 +105,30 @@ def main(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, fmt = build(cfg)
-    config.save(cfg, out / "rlhf_config.yaml")
+    if trainer.is_world_process_zero():
+        config.save(cfg, out / "rlhf_config.yaml")
     run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, trainer.is_world_process_zero())
     trainable, total = models.count_parameters(trainer.model)
     metrics = {"trainable_parameters": trainable, "total_parameters": total, "format": fmt}
     has_eval = trainer.eval_dataset is not None
-    if has_eval and resume_from is None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if has_eval and resume_from is None:  # eval_on_start: logged at step 0
+        metrics["eval_loss_before"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
     if has_eval:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]  # the best checkpoint, reloaded
         metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
 
-    if trainer.is_world_process_zero():
-        tmp = out / ".final.tmp"
-        trainer.save_model(str(tmp))
+    tmp = out / ".final.tmp"
+    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
+    if trainer.is_world_process_zero():  # which writes the files
         trainer.processing_class.save_pretrained(str(tmp))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         checkpoints.publish_dir(tmp, out)
         loss = (f"validation loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}; "
                 if "eval_loss_before" in metrics else "")
         print(f"sft done: {loss}saved to {out}")
+    barrier()  # no process ends (and tears the group down) mid-publish
     tracking.finish(run)
     return metrics

@@ -1,0 +1,183 @@
+"""`rlhf eval policy`: does the policy beat its reference on held-out prompts, by the reward's judgement?
+
+    rlhf eval policy --policy runs/quickstart/ppo/policy --reference runs/quickstart/sft \
+        --reward.spec runs/quickstart/reward --prompts.train builtin:quickstart_prompts
+
+Both models answer the same prompts; the reward scores both answers. Reported: the policy's win rate
+(ties count half), the mean reward of each, the KL of the policy to the reference on the policy's own
+samples (sum over tokens of log pi - log ref, the k1 estimate), response lengths and EOS rates, and a
+samples table, printed and written as JSON and Markdown (and to W&B when tracking is on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from policies.config import ModelConfig
+from rlhf import ppo_core as core
+from rlhf import tracking
+from rlhf.config import TrackingConfig
+from rlhf.errors import UserError
+from rlhf.ppo import PromptDataConfig, RewardSpec, encode_prompts, left_pad, load_prompts, position_ids
+
+
+@dataclass
+class EvalPolicyConfig:
+    """Policy against reference, judged by a reward (`rlhf eval policy`)."""
+
+    policy: str = "runs/quickstart/ppo/policy"
+    """The policy: a model directory, a peft adapter directory, or a hub id."""
+    reference: str = "runs/quickstart/sft"
+    """The reference (usually the SFT model the policy started from)."""
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=64))
+    max_new_tokens: int = 32
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_prompt_length: int = 256
+    """Prompts are cut to their last N tokens."""
+    batch_size: int = 16
+    """Prompts generated per batch."""
+    seed: int = 0
+    """Sampling seed (the same for both models)."""
+    num_samples: int = 8
+    """Rows in the samples table."""
+    output: Optional[str] = None
+    """Where to write the JSON report (the Markdown goes beside it); default: POLICY/eval_policy.json."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_lm(path: str):
+    """A causal LM from a model directory, a peft adapter directory, or a hub id."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from policies.models import ModelLoadError, _check_exists
+
+    _check_exists(path)
+    cls = AutoPeftModelForCausalLM if (Path(path) / "adapter_config.json").exists() else AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(path, use_safetensors=True).eval()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"'{path}' could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
+    """Responses (B, A) with their masks, and texts, for every prompt, in batches."""
+    torch.manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        ids, mask = left_pad(encode_prompts(tokenizer, prompts[i:i + cfg.batch_size], cfg.max_prompt_length),
+                             tokenizer.pad_token_id)
+        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
+            else dict(do_sample=False)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        responses, rmask = core.truncate_after_stop_token(gen[:, ids.shape[1]:], tokenizer.eos_token_id,
+                                                          tokenizer.pad_token_id)
+        out.append((ids, mask, responses, rmask))
+    return out
+
+
+@torch.no_grad()
+def sequence_logprob(model, ids, mask, responses, rmask, temperature: float) -> torch.Tensor:
+    """Sum of the response tokens' logprobs (B,), at the sampling temperature."""
+    full = torch.cat([ids, responses], 1)
+    attn = torch.cat([mask, rmask.long()], 1)
+    logits = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn)).logits
+    logits = logits[:, ids.shape[1] - 1:-1] / (temperature if temperature > 0 else 1.0)
+    return (core.logprobs_from_logits(logits, responses) * rmask).sum(-1)
+
+
+def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
+    from transformers import AutoTokenizer
+
+    prompts = load_prompts(cfg.prompts)
+    if reward is None:
+        from reward.interface import load_reward
+
+        reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
+                             batch_size=cfg.reward.batch_size)
+    policy, reference = load_lm(cfg.policy), load_lm(cfg.reference)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(f"the tokenizer of '{cfg.policy}' needs a PAD token distinct from EOS")
+
+    rows, kl, lengths, eos = {"policy": [], "reference": []}, [], {"policy": [], "reference": []}, \
+        {"policy": [], "reference": []}
+    for name, model in (("policy", policy), ("reference", reference)):
+        for ids, mask, responses, rmask in sample(model, tokenizer, prompts, cfg, cfg.seed):
+            rows[name] += tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
+                                                 skip_special_tokens=True)
+            lengths[name] += rmask.sum(-1).tolist()
+            eos[name] += (responses == tokenizer.eos_token_id).any(-1).float().tolist()
+            if name == "policy":  # KL(policy || reference) on the policy's own samples
+                kl += (sequence_logprob(policy, ids, mask, responses, rmask, cfg.temperature)
+                       - sequence_logprob(reference, ids, mask, responses, rmask, cfg.temperature)).tolist()
+    r_pol = reward.score(prompts, rows["policy"]).float()
+    r_ref = reward.score(prompts, rows["reference"]).float()
+    wins = (r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()
+    n = len(prompts)
+    report = {
+        "n_prompts": n,
+        "win_rate": wins.mean().item(),
+        "win_rate_stderr": (wins.std() / n ** 0.5).item() if n > 1 else None,
+        "reward_policy": r_pol.mean().item(),
+        "reward_reference": r_ref.mean().item(),
+        "kl_policy_reference": sum(kl) / n,
+        "length_policy": sum(lengths["policy"]) / n,
+        "length_reference": sum(lengths["reference"]) / n,
+        "eos_rate_policy": sum(eos["policy"]) / n,
+        "eos_rate_reference": sum(eos["reference"]) / n,
+        "samples": [{"prompt": p[-1]["content"], "policy": a, "reference": b, "reward_policy": float(x),
+                     "reward_reference": float(y)}
+                    for p, a, b, x, y in list(zip(prompts, rows["policy"], rows["reference"], r_pol, r_ref))
+                    [:cfg.num_samples]],
+        "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward.spec,
+    }
+    return report
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Policy evaluation: `{r['policy']}` vs `{r['reference']}`", "",
+             f"Judged by `{r['reward']}` on {r['n_prompts']} prompts.", "",
+             "| metric | policy | reference |", "|---|---|---|",
+             f"| mean reward | {r['reward_policy']:.4f} | {r['reward_reference']:.4f} |",
+             f"| response length (tokens) | {r['length_policy']:.2f} | {r['length_reference']:.2f} |",
+             f"| EOS rate | {r['eos_rate_policy']:.2f} | {r['eos_rate_reference']:.2f} |", "",
+             f"**Win rate of the policy: {r['win_rate']:.3f}** (± {r['win_rate_stderr'] or 0:.3f} s.e.; ties count "
+             f"half). KL(policy ‖ reference) on the policy's samples: {r['kl_policy_reference']:.4f} nats.", "",
+             "| prompt | policy | reward | reference | reward |", "|---|---|---|---|---|"]
+    clean = lambda t: t.replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
+    lines += [f"| {clean(s['prompt'])} | {clean(s['policy'])} | {s['reward_policy']:.3f} | {clean(s['reference'])} "
+              f"| {s['reward_reference']:.3f} |" for s in r["samples"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: EvalPolicyConfig, reward=None) -> dict:
+    report = evaluate(cfg, reward)
+    out = Path(cfg.output) if cfg.output else Path(cfg.policy) / "eval_policy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"written: {out} and {out.with_suffix('.md')}")
+    run = tracking.start(cfg.tracking, {"eval_policy": {k: v for k, v in report.items() if k != "samples"}},
+                         str(out.parent))
+    if run is not None:
+        import wandb
+
+        run.log({k: v for k, v in report.items() if isinstance(v, float)})
+        run.log({"eval/samples": wandb.Table(columns=list(report["samples"][0]),
+                                             data=[list(s.values()) for s in report["samples"]])})
+    tracking.finish(run)
+    return report
