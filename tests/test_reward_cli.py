@@ -81,7 +81,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     (["eval", "reward", "--model", "/nonexistent/rm", "--data", "builtin:quickstart_prefs"],
      "rlhf eval: error: reward '/nonexistent/rm' does not exist"),
     (["eval", "reward", "--data", "builtin:quickstart_prefs"], "rlhf eval: error: --model is required"),
-    (["eval", "policy"], "rlhf eval: error: expected what to evaluate: `rlhf eval reward"),
+    (["eval", "bogus"], "rlhf eval: error: expected what to evaluate: `rlhf eval reward"),
     (["classifier", "--config", "configs/classifier_tiny.yaml", "--data.text_column", "body"],
      "column(s) body not found"),
     (["reward", "--config", "configs/reward_tiny.yaml", "--peft.method", "ia3"],
