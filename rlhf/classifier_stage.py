@@ -18,7 +18,6 @@ on the validation texts), `metrics.json`, `checkpoint-N/`, `rlhf_config.yaml`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -298,31 +297,16 @@ def metrics_table(rows: dict[str, dict], per_label: dict[str, dict]) -> str:
 
 def save(trainer, cfg: ClassifierConfig, names: list[str], multi_label: bool, normalization: dict,
          metrics: dict) -> None:
-    """Write the classifier (adapter with its head, or full), tokenizer, reward_info.json and
-    metrics.json to cfg.output_dir, each file appearing whole."""
-    out = Path(cfg.output_dir)
-    tmp = out / ".final.tmp"
-    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
-    if not trainer.is_world_process_zero():  # which writes the files
-        return
-    trainer.processing_class.save_pretrained(str(tmp))
-    reward_models.write_info(tmp, {
-        "kind": "classifier",
-        "base_model": reward_models.base_model_entry(cfg.model.name_or_path),
-        "adapter": cfg.peft.method != "full",
-        "quantized": cfg.peft.method == "qlora",
-        "dtype": str(models.torch_dtype(cfg.model)).removeprefix("torch."),
-        "max_length": cfg.train.max_length,
+    """The classifier (adapter with its head, or full), tokenizer, reward_info.json and metrics.json."""
+    from rlhf.reward_stage import publish
+
+    publish(trainer, cfg, "classifier", {
         "labels": names,
         "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
         "threshold": cfg.train.threshold,
         "reward_label": cfg.reward_label,
         "input": "response text",
-        "normalization": normalization,
-        "trained_on": cfg.data.train,
-    })
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    checkpoints.publish_dir(tmp, out)
+    }, normalization, metrics)
 
 
 def main(cfg: ClassifierConfig) -> dict:

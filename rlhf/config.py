@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-from policies.config import ModelConfig
 from rlhf import ppo_core as core
 from rlhf import tracking
 from rlhf.config import TrackingConfig

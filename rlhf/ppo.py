@@ -675,7 +675,7 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
     accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
                       f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
 
-    rank, world = accelerator.process_index, sizes.world
+    rank = accelerator.process_index
     eos_history: list[float] = []
     bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
                disable=not accelerator.is_main_process)

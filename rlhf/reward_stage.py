@@ -236,9 +236,9 @@ def score_pairs(reward: interface.PreferenceReward, pairs) -> tuple[torch.Tensor
         reward.model.train(was_training)
 
 
-def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None:
-    """Write the model (adapter with its score head, or full), tokenizer, reward_info.json and
-    metrics.json to cfg.output_dir, each file appearing whole."""
+def publish(trainer, cfg, kind: str, extra: dict, normalization: dict, metrics: dict) -> None:
+    """Write the model (adapter with its head, or full), tokenizer, reward_info.json and metrics.json
+    to cfg.output_dir, each file appearing whole. Shared by `rlhf reward` and `rlhf classifier`."""
     out = Path(cfg.output_dir)
     tmp = out / ".final.tmp"
     trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
@@ -246,17 +246,22 @@ def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None
         return
     trainer.processing_class.save_pretrained(str(tmp))
     reward_models.write_info(tmp, {
-        "kind": "preference",
+        "kind": kind,
         "base_model": reward_models.base_model_entry(cfg.model.name_or_path),
         "adapter": cfg.peft.method != "full",
         "quantized": cfg.peft.method == "qlora",
         "dtype": str(models.torch_dtype(cfg.model)).removeprefix("torch."),
         "max_length": cfg.train.max_length,
+        **extra,
         "normalization": normalization,
         "trained_on": cfg.data.train,
     })
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     checkpoints.publish_dir(tmp, out)
+
+
+def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None:
+    publish(trainer, cfg, "preference", {}, normalization, metrics)
 
 
 def main(cfg: RewardConfig) -> dict:
