@@ -32,6 +32,7 @@ from rlhf.config import PairFormatOptions, PreferenceDataConfig, RewardConfig
 from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
 from rlhf.preference_data import FORMATS, load_pairs
+from rlhf.sources import hold_out
 
 
 def check(cfg: RewardConfig) -> None:
@@ -100,15 +101,8 @@ def load_preference_data(data: PreferenceDataConfig, seed: int):
         validation, vreport = load_preference_split(data.validation, data)
         print(f"validation data: {vreport.summary()}")
         return train, validation, report
-    if data.validation_split <= 0:
-        return train, None, report
-    if not 0 < data.validation_split < 1:
-        raise UserError(f"data.validation_split expects a fraction in [0, 1), got {data.validation_split}")
-    n_val = max(1, round(len(train) * data.validation_split))
-    if n_val >= len(train):
-        raise UserError(f"data.validation_split={data.validation_split} leaves no training pairs out of {len(train)}")
-    split = train.train_test_split(test_size=n_val, seed=seed)
-    return split["train"], split["test"], report
+    train, validation = hold_out(train, data.validation_split, seed, rows="pairs")
+    return train, validation, report
 
 
 def check_margins(pairs, name: str) -> None:

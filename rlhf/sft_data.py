@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from rlhf.config import DataConfig
 from rlhf.errors import UserError
-from rlhf.sources import load_rows
+from rlhf.sources import hold_out, load_rows
 
 FORMATS = {  # format -> required columns, checked in this order by detection
     "messages": ("messages",),
@@ -117,12 +117,5 @@ def load_sft_data(cfg: DataConfig, seed: int):
         if (fmt == "text") != (vfmt == "text"):
             raise UserError(f"data.validation is in format '{vfmt}' but data.train is '{fmt}'")
         return train, validation, fmt
-    if cfg.validation_split <= 0:
-        return train, None, fmt
-    if not 0 < cfg.validation_split < 1:
-        raise UserError(f"data.validation_split expects a fraction in [0, 1), got {cfg.validation_split}")
-    n_val = max(1, round(len(train) * cfg.validation_split))
-    if n_val >= len(train):
-        raise UserError(f"data.validation_split={cfg.validation_split} leaves no training rows out of {len(train)}")
-    split = train.train_test_split(test_size=n_val, seed=seed)
-    return split["train"], split["test"], fmt
+    train, validation = hold_out(train, cfg.validation_split, seed)
+    return train, validation, fmt

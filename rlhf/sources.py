@@ -115,3 +115,17 @@ def load_rows(source: str, split: str = "train"):
     if len(ds) == 0:
         raise UserError(f"data source '{source}' (split '{split}') is empty: no rows")
     return ds
+
+
+def hold_out(ds, fraction: float, seed: int, rows: str = "rows"):
+    """Split `fraction` of `ds` off for validation (seeded): (train, validation), or (ds, None) when
+    fraction <= 0. Shared by the SFT and reward stages."""
+    if fraction <= 0:
+        return ds, None
+    if not 0 < fraction < 1:
+        raise UserError(f"data.validation_split expects a fraction in [0, 1), got {fraction}")
+    n_val = max(1, round(len(ds) * fraction))
+    if n_val >= len(ds):
+        raise UserError(f"data.validation_split={fraction} leaves no training {rows} out of {len(ds)}")
+    split = ds.train_test_split(test_size=n_val, seed=seed)
+    return split["train"], split["test"]
