@@ -97,10 +97,15 @@ def load_rows(source: str, split: str = "train"):
                 return datasets.Dataset.from_list(rows)
             except (TypeError, ValueError) as e:  # arrow cannot unify column types across rows
                 raise UserError(f"{source}: rows do not share one schema ({str(e).splitlines()[0]})") from None
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file reads in a blink; its bars only clutter stderr
         try:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as e:  # pyarrow/pandas parse errors carry no common type
             raise UserError(f"{source}: could not be read as {kind} ({str(e).splitlines()[0]})") from None
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         if len(ds) == 0:
             raise UserError(f"data source '{source}' is empty: no rows")
         return ds
