@@ -610,9 +610,11 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
 
 
-def main(cfg: PPOConfig, reward=None) -> list[dict]:
+def main(cfg: PPOConfig, reward=None, on_step=None) -> list[dict]:
     """Run PPO; returns the per-iteration metrics (also in output_dir/metrics.jsonl and W&B).
-    `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`)."""
+    `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`).
+    `on_step(step, actor_critic, tokenizer)`, if given, runs on every process after each iteration
+    (the benchmarks evaluate the policy along the run with it); a dict it returns joins the metrics."""
     import transformers
     from tqdm.auto import tqdm
 
@@ -772,6 +774,9 @@ def main(cfg: PPOConfig, reward=None) -> list[dict]:
             "memory/peak_gb": peak_memory_gb(),
         }
         kl_ctl.update(metrics["objective/kl"], sizes.global_rollout)
+        if on_step is not None:
+            metrics.update(on_step(step + 1, unwrapped, tokenizer) or {})
+            unwrapped.eval()
         history.append(metrics)
         _warn(metrics, eos_history, step)
         if accelerator.is_main_process:
