@@ -82,6 +82,48 @@ def wrong_answer(question: str, answer: str, rng: random.Random) -> str:
     return rng.choice(options)
 
 
+def answer(question: str) -> str:
+    """The correct reply to one of `_task`'s questions, computed from its text."""
+    if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
+        return m.group(1)[::-1]
+    if m := re.fullmatch(r"Write (\w+) in capital letters\.", question):
+        return m.group(1).upper()
+    if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", question):
+        return str(int(m.group(1)) + int(m.group(2)))
+    if m := re.fullmatch(r"Repeat (\w+) (\d+) times\.", question):
+        return " ".join([m.group(1)] * int(m.group(2)))
+    if m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
+        return " ".join(sorted(m.group(1).split()))
+    if m := re.fullmatch(r"What number comes after (\d+)\?", question):
+        return str(int(m.group(1)) + 1)
+    raise ValueError(f"not a synthetic task question: {question!r}")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), by the two-row recurrence."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def gold_score(question: str, response: str) -> float:
+    """How close a reply is to the correct answer, in [0, 1]: 1 - edit distance / the longer length.
+    Graded, so near misses beat nonsense and padding a right answer with extra text costs reward."""
+    target, reply = answer(question), response.strip()
+    return 1.0 - edit_distance(reply, target) / max(len(reply), len(target), 1)
+
+
+def gold_reward(prompts, responses) -> list[float]:
+    """The gold reward of the alignment benchmark, as a reward function (`rlhf.synthetic:gold_reward`):
+    the last user turn of each prompt is a synthetic task, scored by `gold_score`."""
+    return [gold_score(next(m["content"] for m in reversed(p) if m["role"] == "user"), r)
+            for p, r in zip(prompts, responses)]
+
+
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
     """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` up to its last
     question, `chosen` the correct answer, `rejected` a wrong answer of the same kind."""
