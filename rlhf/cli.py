@@ -4,6 +4,7 @@
     rlhf reward | classifier --config FILE [--section.field VALUE ...]
     rlhf eval reward --model DIR --data SOURCE
     rlhf data check SOURCE [--format F]
+    rlhf bench align | speed [--field VALUE ...]
     rlhf merge ADAPTER_DIR OUT_DIR
     rlhf estimate-memory --model NAME_OR_SIZE --method full|lora|qlora --zero 0-3 --gpus N
 
@@ -26,6 +27,8 @@ commands:
   data check       read preference data, show counts and examples   rlhf data check --help
   ppo              PPO against a reward model, classifier or function  rlhf ppo --help
   pipeline         SFT -> reward model -> PPO in one command    rlhf pipeline --help
+  bench align      gold-reward benchmark: RM vs Bayes, PPO vs best-of-n vs TRL RLOO  rlhf bench align --help
+  bench speed      PPO throughput (tokens/s, time split, memory) next to TRL      rlhf bench speed --help
   merge            merge a LoRA adapter into a full model           rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup           rlhf estimate-memory --help
 """
@@ -71,6 +74,22 @@ def _eval(argv: list[str]) -> None:
     eval_reward.main(config.parse(config.EvalRewardConfig, argv[1:], "rlhf eval reward"))
 
 
+def _bench(argv: list[str]) -> None:
+    from rlhf import config
+
+    if not argv or argv[0] not in ("align", "speed"):
+        raise UserError("expected which benchmark: `rlhf bench align` (gold-reward alignment) or "
+                        "`rlhf bench speed` (PPO throughput next to TRL) (add --help)")
+    if argv[0] == "align":
+        from rlhf import bench_align
+
+        bench_align.main(config.parse(bench_align.BenchAlignConfig, argv[1:], "rlhf bench align"))
+        return
+    from rlhf import bench_speed
+
+    bench_speed.main(config.parse(bench_speed.BenchSpeedConfig, argv[1:], "rlhf bench speed"))
+
+
 def _data(argv: list[str]) -> None:
     from rlhf import data_check
 
@@ -96,7 +115,7 @@ def _estimate_memory(argv: list[str]) -> None:
 
 
 COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _eval, "data": _data, "ppo": _ppo, "pipeline": _pipeline,
-            "merge": _merge, "estimate-memory": _estimate_memory}
+            "bench": _bench, "merge": _merge, "estimate-memory": _estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

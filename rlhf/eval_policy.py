@@ -71,12 +71,15 @@ def load_lm(path: str):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
-    """Responses (B, A) with their masks, and texts, for every prompt, in batches."""
+    """[(query ids (B, P), query mask (B, P), responses (B, A), response mask (B, A))] for every
+    prompt, `cfg.batch_size` prompts at a time (cfg: anything with the sampling fields of EvalPolicyConfig)."""
     torch.manual_seed(seed)
     out = []
+    device = next(model.parameters()).device
     for i in range(0, len(prompts), cfg.batch_size):
         ids, mask = left_pad(encode_prompts(tokenizer, prompts[i:i + cfg.batch_size], cfg.max_prompt_length),
                              tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
             else dict(do_sample=False)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,

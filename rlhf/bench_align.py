@@ -1,0 +1,509 @@
+"""`rlhf bench align`: does RLHF improve what the preferences ask for? Measured against a known gold reward.
+
+    rlhf bench align                      # 3 seeds, tiny model, CPU, a few minutes per seed
+    rlhf bench align --seeds 0 --ppo_steps 40 --output_dir runs/bench_small
+
+The task is the synthetic instruction corpus of `rlhf.synthetic`, whose correct answers are known, so
+every response has a gold reward (`synthetic.gold_score`: 1 - edit distance to the right answer,
+relative). For each seed:
+
+1. SFT: the built-in tiny Llama learns the corpus (full fine-tuning).
+2. Labels: for each of `pair_prompts` prompts the SFT policy samples two replies; a simulated labeller
+   prefers one with Bradley–Terry probability sigmoid(bt_beta * gold difference). The best accuracy any
+   reward model can reach on these labels (Bayes) is therefore known exactly.
+3. Reward model: trained on those labels (LoRA on the SFT model, as InstructGPT); its accuracy on held-out
+   pairs is reported next to the Bayes accuracy of the same pairs.
+4. PPO (ours) optimises the reward model; every `eval_every` iterations the policy is sampled on held-out
+   prompts and we record its gold reward, the proxy (reward-model) score and its KL to the SFT policy.
+5. Best-of-n sampling from the SFT policy, ranked by the reward model: gold reward against the analytic
+   KL log n - (n - 1) / n.
+6. TRL's RLOOTrainer on the same SFT policy, reward model, prompts, number of sampled responses,
+   learning rate and KL coefficient, evaluated the same way.
+
+Over-optimisation (Gao et al. 2022) shows as the proxy score still rising while the gold reward falls.
+The report (report.md, report.json, plots/*.png) gives per-seed numbers and means over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from policies.config import ModelConfig, PeftConfig, TinyModelConfig
+from rlhf import bench_math as bm
+from rlhf import synthetic
+from rlhf.errors import UserError
+
+
+@dataclass
+class BenchAlignConfig:
+    """Gold-reward alignment benchmark (`rlhf bench align`)."""
+
+    output_dir: str = "runs/bench_align"
+    """Each seed's stages go to output_dir/seed_N; report.md, report.json and plots/ to output_dir."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One full run (SFT, labels, reward model, PPO, best-of-n, RLOO) per seed; headline numbers are means."""
+    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=64, num_hidden_layers=2))
+    """Shape of the tiny random-init Llama that is fine-tuned."""
+    sft_rows: int = 2000
+    """Synthetic conversations in the SFT corpus."""
+    sft_steps: int = 200
+    """SFT optimizer steps (batch 16)."""
+    pair_prompts: int = 1500
+    """Prompts the SFT policy answers twice for preference labels (pairs with identical replies are dropped)."""
+    bt_beta: float = 8.0
+    """Bradley–Terry inverse temperature of the simulated labeller: P(a > b) = sigmoid(bt_beta * (gold_a - gold_b)).
+    Larger: less label noise, higher Bayes accuracy."""
+    rm_steps: int = 300
+    """Reward-model optimizer steps (batch 16)."""
+    rm_test_fraction: float = 0.2
+    """Pairs held out to measure reward-model accuracy (another 10% pick the best checkpoint)."""
+    ppo_steps: int = 60
+    """PPO iterations; RLOO gets the same number of sampled responses."""
+    rollout_batch: int = 32
+    """Responses sampled per iteration (PPO: prompts per iteration; RLOO: prompts x rloo_k)."""
+    learning_rate: float = 2e-3
+    """LoRA learning rate of PPO and RLOO."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient of PPO and (as beta) RLOO. Small values let over-optimisation show."""
+    eval_every: int = 10
+    """Evaluate the policy (gold reward, proxy score, KL to SFT) every N iterations."""
+    eval_prompts: int = 128
+    """Held-out prompts for every evaluation and for best-of-n."""
+    best_of_n: int = 16
+    """Largest n of best-of-n (a power of two); n = 1, 2, 4, ... up to it."""
+    max_new_tokens: int = 16
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature of every policy, in training and evaluation."""
+    rloo: bool = True
+    """Also run TRL's RLOOTrainer."""
+    rloo_k: int = 4
+    """RLOO samples per prompt (its leave-one-out baseline)."""
+
+
+def check(cfg: BenchAlignConfig) -> None:
+    if not cfg.seeds:
+        raise UserError("seeds: give at least one seed")
+    if cfg.best_of_n < 1 or cfg.best_of_n & (cfg.best_of_n - 1):
+        raise UserError(f"best_of_n must be a power of two, got {cfg.best_of_n}")
+    if cfg.rloo and cfg.rollout_batch % cfg.rloo_k:
+        raise UserError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by rloo_k ({cfg.rloo_k})")
+    if cfg.eval_every < 1 or cfg.ppo_steps < 1:
+        raise UserError("ppo_steps and eval_every must be at least 1")
+    if not 0 < cfg.rm_test_fraction < 0.8:
+        raise UserError(f"rm_test_fraction must be in (0, 0.8), got {cfg.rm_test_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of a policy against the gold reward
+
+
+class Evaluator:
+    """Samples a policy on the held-out prompts; gold reward, proxy score, KL to the SFT policy."""
+
+    def __init__(self, cfg: BenchAlignConfig, sft_dir: str, prompts: list, proxy, seed: int):
+        from rlhf.eval_policy import EvalPolicyConfig, load_lm
+
+        self.sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         batch_size=64, max_prompt_length=256)
+        self.reference = load_lm(sft_dir)
+        self.prompts, self.proxy, self.seed = prompts, proxy, seed
+
+    @torch.no_grad()
+    def __call__(self, policy, tokenizer) -> dict:
+        from rlhf.eval_policy import sample, sequence_logprob
+
+        was_training = policy.training
+        policy.eval()
+        texts, kl = [], []
+        with torch.random.fork_rng():  # a seeded evaluation must not reset the training run's sampling
+            batches = sample(policy, tokenizer, self.prompts, self.sampling, self.seed)
+        for ids, mask, responses, rmask in batches:
+            texts += tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+            kl += (sequence_logprob(policy, ids, mask, responses, rmask, self.sampling.temperature)
+                   - sequence_logprob(self.reference, ids.cpu(), mask.cpu(), responses.cpu(), rmask.cpu(),
+                                      self.sampling.temperature).to(ids.device)).tolist()
+        policy.train(was_training)
+        gold = synthetic.gold_reward(self.prompts, texts)
+        gold_mean, gold_se = bm.mean_and_se(gold)
+        proxy = self.proxy.score(self.prompts, texts, normalize=True).float()
+        return {"gold": gold_mean, "gold_se": gold_se, "proxy": proxy.mean().item(), "kl": sum(kl) / len(kl),
+                "exact": gold.count(1.0) / len(gold),
+                "sample": texts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# one seed
+
+
+def _prompts(n: int, seed: int) -> list[list[dict]]:
+    return [row["prompt"] for row in synthetic.prompt_rows(n, seed)]
+
+
+def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
+    from rlhf import sft
+    from rlhf.config import DataConfig, SFTConfig, TrainConfig
+
+    data = out / "data" / "sft.jsonl"
+    synthetic.write_jsonl(synthetic.sft_rows(cfg.sft_rows, seed=10_000 + seed), data)
+    sft.main(SFTConfig(
+        model=ModelConfig(name_or_path="tiny", tiny=cfg.model), peft=PeftConfig(method="full"),
+        data=DataConfig(train=str(data), validation_split=0.05),
+        train=TrainConfig(learning_rate=3e-3, max_steps=cfg.sft_steps, per_device_train_batch_size=16,
+                          max_length=128, warmup_steps=0.05, logging_steps=25, eval_steps=max(cfg.sft_steps // 4, 1)),
+        output_dir=str(out / "sft"), seed=seed))
+    return str(out / "sft")
+
+
+def label_pairs(cfg: BenchAlignConfig, sft_dir: str, out: Path, seed: int) -> dict:
+    """Two SFT samples per prompt, gold-scored, labelled under Bradley–Terry noise; split into
+    reward-model train / validation / test files."""
+    from transformers import AutoTokenizer
+
+    from rlhf.eval_policy import EvalPolicyConfig, load_lm, sample
+
+    prompts = _prompts(cfg.pair_prompts, 20_000 + seed)
+    model, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)
+    sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=64)
+    replies = []
+    for s in (seed, seed + 1):
+        replies.append([t for _, _, r, m in sample(model, tok, prompts, sampling, 30_000 + s)
+                        for t in tok.batch_decode(r.masked_fill(~m, tok.pad_token_id), skip_special_tokens=True)])
+    keep = [i for i, (a, b) in enumerate(zip(*replies)) if a.strip() != b.strip()]
+    prompts = [prompts[i] for i in keep]
+    a, b = [replies[0][i] for i in keep], [replies[1][i] for i in keep]
+    gold_a = torch.tensor(synthetic.gold_reward(prompts, a), dtype=torch.float64)
+    gold_b = torch.tensor(synthetic.gold_reward(prompts, b), dtype=torch.float64)
+    a_wins = bm.sample_bt_labels(gold_a, gold_b, cfg.bt_beta, torch.Generator().manual_seed(40_000 + seed))
+    rows = [{"prompt": p, "chosen": x if w else y, "rejected": y if w else x, "margin": None,
+             "gold_chosen": float(ga if w else gb), "gold_rejected": float(gb if w else ga)}
+            for p, x, y, ga, gb, w in zip(prompts, a, b, gold_a, gold_b, a_wins.tolist())]
+    n_test, n_val = int(len(rows) * cfg.rm_test_fraction), int(len(rows) * 0.1)
+    if n_test < 20 or len(rows) - n_test - n_val < 50:
+        raise UserError(f"only {len(rows)} pairs with distinct replies from {cfg.pair_prompts} prompts; "
+                        "raise pair_prompts")
+    splits = {"test": rows[:n_test], "validation": rows[n_test:n_test + n_val], "train": rows[n_test + n_val:]}
+    for name, part in splits.items():
+        synthetic.write_jsonl([{k: r[k] for k in ("prompt", "chosen", "rejected", "margin")} for r in part],
+                              out / "data" / f"prefs_{name}.jsonl")
+    return splits
+
+
+def run_reward(cfg: BenchAlignConfig, sft_dir: str, out: Path, seed: int) -> str:
+    from rlhf import reward_stage
+    from rlhf.config import PreferenceDataConfig, RewardConfig, RewardTrainConfig
+
+    reward_stage.main(RewardConfig(
+        model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method="lora", r=16, lora_alpha=32, lora_dropout=0.0),
+        data=PreferenceDataConfig(train=str(out / "data" / "prefs_train.jsonl"), format="pairs",
+                                  validation=str(out / "data" / "prefs_validation.jsonl")),
+        train=RewardTrainConfig(learning_rate=3e-3, max_steps=cfg.rm_steps, warmup_steps=20, per_device_train_batch_size=16,
+                                per_device_eval_batch_size=64, max_length=128, lr_scheduler_type="cosine",
+                                logging_steps=50, eval_steps=max(cfg.rm_steps // 3, 1), metric_for_best_model="accuracy"),
+        output_dir=str(out / "reward"), seed=seed))
+    return str(out / "reward")
+
+
+def reward_accuracy(proxy, test: list[dict], beta: float) -> dict:
+    """Reward-model accuracy on held-out pairs against the noisy labels and against the gold order,
+    next to the Bayes-optimal accuracy of the same pairs."""
+    prompts = [r["prompt"] for r in test]
+    sc = proxy.score(prompts, [r["chosen"] for r in test]).double()
+    sr = proxy.score(prompts, [r["rejected"] for r in test]).double()
+    gc = torch.tensor([r["gold_chosen"] for r in test], dtype=torch.float64)
+    gr = torch.tensor([r["gold_rejected"] for r in test], dtype=torch.float64)
+    agrees = (sc > sr).double() + 0.5 * (sc == sr).double()
+    differ = gc != gr
+    gold_order = ((sc > sr) == (gc > gr)).double()[differ]
+    return {"pairs": len(test), "accuracy": agrees.mean().item(), "accuracy_se": agrees.std().item() / math.sqrt(len(test)),
+            "bayes_accuracy": bm.bayes_accuracy(gc, gr, beta),
+            "gold_order_accuracy": gold_order.mean().item() if len(gold_order) else float("nan")}
+
+
+def best_of_n_curve(cfg: BenchAlignConfig, sft_dir: str, prompts: list, proxy, seed: int) -> list[dict]:
+    """N = cfg.best_of_n SFT samples per prompt, then best-of-n for n = 1, 2, 4, ... N."""
+    from transformers import AutoTokenizer
+
+    from rlhf.eval_policy import EvalPolicyConfig, load_lm, sample
+
+    N = cfg.best_of_n
+    model, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)
+    repeated = [p for p in prompts for _ in range(N)]
+    sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=128)
+    texts = [t for _, _, r, m in sample(model, tok, repeated, sampling, 50_000 + seed)
+             for t in tok.batch_decode(r.masked_fill(~m, tok.pad_token_id), skip_special_tokens=True)]
+    gold = torch.tensor(synthetic.gold_reward(repeated, texts)).reshape(len(prompts), N)
+    score = proxy.score(repeated, texts, normalize=True).float().reshape(len(prompts), N)
+    curve, n = [], 1
+    while n <= N:
+        g, g_se = bm.best_of_n(score, gold, n)
+        curve.append({"n": n, "kl": bm.best_of_n_kl(n), "gold": g, "gold_se": g_se,
+                      "proxy": bm.best_of_n(score, score, n)[0]})
+        n *= 2
+    return curve
+
+
+def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
+    from rlhf import ppo
+
+    prompts_file = out / "data" / "ppo_prompts.jsonl"
+    synthetic.write_jsonl(synthetic.prompt_rows(max(cfg.rollout_batch * 20, 400), 60_000 + seed), prompts_file)
+    evals = []
+
+    def on_step(step, ac, tokenizer):
+        if step % cfg.eval_every and step != cfg.ppo_steps:
+            return None
+        e = {"step": step, **evaluator(ac.generation_model(), tokenizer)}
+        evals.append(e)
+        return {f"eval/{k}": v for k, v in e.items() if isinstance(v, float)}
+
+    ppo.main(ppo.PPOConfig(
+        model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method="lora", r=16, lora_alpha=32, lora_dropout=0.0),
+        data=ppo.PromptDataConfig(train=str(prompts_file)),
+        ppo=ppo.PPOHyperparameters(steps=cfg.ppo_steps, per_device_rollout_batch_size=cfg.rollout_batch,
+                                   num_mini_batches=2, ppo_epochs=4, learning_rate=cfg.learning_rate,
+                                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
+                                   reward_normalization="model"),
+        output_dir=str(out / "ppo"), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
+        reward=proxy, on_step=on_step)
+    return evals
+
+
+def run_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> dict:
+    from rlhf import trl_rloo
+
+    prompts = [row["prompt"] for row in synthetic.prompt_rows(max(cfg.rollout_batch * 20, 400), 60_000 + seed)]
+    result = trl_rloo.run_rloo(
+        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), prompts, str(out / "rloo"),
+        trl_rloo.RLOOSettings(steps=cfg.ppo_steps, prompts_per_step=cfg.rollout_batch // cfg.rloo_k,
+                              num_generations=cfg.rloo_k, learning_rate=cfg.learning_rate, beta=cfg.kl_coef,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, lora_r=16,
+                              lora_alpha=32, seed=seed, eval_every=cfg.eval_every),
+        on_eval=lambda step, model, tok: evaluator(model, tok))
+    return {"evals": result["evals"], "time": result["time"], "responses": result["responses"]}
+
+
+def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
+    from reward.interface import load_reward
+
+    timings = {}
+    t = time.perf_counter()
+    sft_dir = run_sft(cfg, out, seed)
+    timings["sft"] = time.perf_counter() - t
+    t = time.perf_counter()
+    splits = label_pairs(cfg, sft_dir, out, seed)
+    rm_dir = run_reward(cfg, sft_dir, out, seed)
+    timings["reward"] = time.perf_counter() - t
+    proxy = load_reward(rm_dir, kind="preference", batch_size=128)
+    result = {"seed": seed, "pairs": {k: len(v) for k, v in splits.items()},
+              "reward_model": reward_accuracy(proxy, splits["test"], cfg.bt_beta)}
+    eval_prompts = _prompts(cfg.eval_prompts, 70_000 + seed)
+    evaluator = Evaluator(cfg, sft_dir, eval_prompts, proxy, seed)
+    t = time.perf_counter()
+    result["best_of_n"] = best_of_n_curve(cfg, sft_dir, eval_prompts, proxy, seed)
+    timings["best_of_n"] = time.perf_counter() - t
+    from transformers import AutoTokenizer
+
+    result["sft"] = evaluator(evaluator.reference, AutoTokenizer.from_pretrained(sft_dir))
+    t = time.perf_counter()
+    result["ppo"] = run_ppo(cfg, sft_dir, proxy, evaluator, out, seed)
+    timings["ppo"] = time.perf_counter() - t
+    if cfg.rloo:
+        t = time.perf_counter()
+        result["rloo"] = run_rloo(cfg, sft_dir, proxy, evaluator, out, seed)
+        timings["rloo"] = time.perf_counter() - t
+    result["timings_s"] = timings
+    result["over_optimisation"] = over_optimisation(result["ppo"])
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def over_optimisation(evals: list[dict]) -> dict:
+    """Did the gold reward fall after its peak while the proxy kept rising? Compared: the best gold
+    point and the last one; `detected` needs the fall to exceed twice its standard error."""
+    peak = max(evals, key=lambda e: e["gold"])
+    last = evals[-1]
+    fall, rise = peak["gold"] - last["gold"], last["proxy"] - peak["proxy"]
+    se = math.hypot(peak["gold_se"], last["gold_se"])
+    return {"peak_step": peak["step"], "peak_gold": peak["gold"], "peak_kl": peak["kl"], "last_gold": last["gold"],
+            "gold_fall": fall, "proxy_rise": rise, "detected": bool(fall > 2 * se and rise > 0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def summarise(cfg: BenchAlignConfig, results: list[dict]) -> dict:
+    """Means (± standard error over seeds) of the headline numbers."""
+    def over_seeds(get):
+        values = [get(r) for r in results]
+        mean, se = bm.mean_and_se(values)
+        return {"mean": mean, "se": se, "per_seed": values}
+
+    s = {
+        "seeds": [r["seed"] for r in results],
+        "rm_accuracy": over_seeds(lambda r: r["reward_model"]["accuracy"]),
+        "bayes_accuracy": over_seeds(lambda r: r["reward_model"]["bayes_accuracy"]),
+        "rm_gold_order_accuracy": over_seeds(lambda r: r["reward_model"]["gold_order_accuracy"]),
+        "sft_gold": over_seeds(lambda r: r["sft"]["gold"]),
+        "ppo_final_gold": over_seeds(lambda r: r["ppo"][-1]["gold"]),
+        "ppo_final_kl": over_seeds(lambda r: r["ppo"][-1]["kl"]),
+        "ppo_peak_gold": over_seeds(lambda r: r["over_optimisation"]["peak_gold"]),
+        "ppo_final_proxy": over_seeds(lambda r: r["ppo"][-1]["proxy"]),
+        "bon_max_gold": over_seeds(lambda r: r["best_of_n"][-1]["gold"]),
+        "over_optimisation_seeds": sum(r["over_optimisation"]["detected"] for r in results),
+    }
+    if cfg.rloo:
+        s["rloo_final_gold"] = over_seeds(lambda r: r["rloo"]["evals"][-1]["gold"])
+        s["rloo_final_kl"] = over_seeds(lambda r: r["rloo"]["evals"][-1]["kl"])
+    # best-of-n at the KL PPO ended with, interpolated on the analytic KL axis
+    s["bon_gold_at_ppo_kl"] = over_seeds(lambda r: _interpolate(r["best_of_n"], r["ppo"][-1]["kl"]))
+    return s
+
+
+def _interpolate(curve: list[dict], kl: float) -> float:
+    """Gold reward of best-of-n at a KL, linear between the n's around it (clamped to the ends)."""
+    if kl <= curve[0]["kl"]:
+        return curve[0]["gold"]
+    for lo, hi in zip(curve, curve[1:]):
+        if kl <= hi["kl"]:
+            w = (kl - lo["kl"]) / (hi["kl"] - lo["kl"])
+            return lo["gold"] + w * (hi["gold"] - lo["gold"])
+    return curve[-1]["gold"]
+
+
+def _pm(x: dict, digits: int = 3) -> str:
+    se = "" if math.isnan(x["se"]) else f" ± {x['se']:.{digits}f}"
+    return f"{x['mean']:.{digits}f}{se}"
+
+
+def markdown(cfg: BenchAlignConfig, s: dict, results: list[dict], plots: list[str]) -> str:
+    n = len(results)
+    lines = [
+        "# Alignment benchmark: gold reward of PPO, best-of-n and TRL RLOO", "",
+        f"Synthetic instruction task with a known gold reward (1 − relative edit distance to the right answer); "
+        f"tiny Llama ({cfg.model.num_hidden_layers} layers, width {cfg.model.hidden_size}); seeds {s['seeds']}. "
+        f"Labels: Bradley–Terry with β = {cfg.bt_beta} on pairs of SFT samples. Numbers are means ± standard "
+        f"error over {n} seed(s); gold and proxy are measured on {cfg.eval_prompts} held-out prompts, KL(policy ‖ SFT) "
+        "in nats per response on the policy's own samples.", "",
+        "## Reward model", "",
+        "| held-out pairs | RM accuracy (vs labels) | Bayes-optimal accuracy | RM accuracy vs gold order |",
+        "|---|---|---|---|",
+        f"| {results[0]['reward_model']['pairs']} per seed | {_pm(s['rm_accuracy'])} | {_pm(s['bayes_accuracy'])} "
+        f"| {_pm(s['rm_gold_order_accuracy'])} |", "",
+        "## Gold reward", "",
+        "| policy | gold reward | KL to SFT | proxy score (normalised) |", "|---|---|---|---|",
+        f"| SFT | {_pm(s['sft_gold'])} | 0 | {bm.mean_and_se([r['sft']['proxy'] for r in results])[0]:.3f} |",
+        f"| PPO (ours), end | {_pm(s['ppo_final_gold'])} | {_pm(s['ppo_final_kl'], 2)} | {_pm(s['ppo_final_proxy'])} |",
+        f"| PPO (ours), best evaluation | {_pm(s['ppo_peak_gold'])} | | |",
+    ]
+    if cfg.rloo:
+        proxy = bm.mean_and_se([r["rloo"]["evals"][-1]["proxy"] for r in results])[0]
+        lines.append(f"| TRL RLOOTrainer, end | {_pm(s['rloo_final_gold'])} | {_pm(s['rloo_final_kl'], 2)} | {proxy:.3f} |")
+    lines += [f"| best-of-n at PPO's KL (interpolated) | {_pm(s['bon_gold_at_ppo_kl'])} | {_pm(s['ppo_final_kl'], 2)} | |",
+              f"| best-of-{cfg.best_of_n} | {_pm(s['bon_max_gold'])} | {bm.best_of_n_kl(cfg.best_of_n):.2f} | |", "",
+              "### Best-of-n (ranked by the reward model; KL = log n − (n−1)/n)", "",
+              "| n | KL | gold | proxy |", "|---|---|---|---|"]
+    for i, point in enumerate(results[0]["best_of_n"]):
+        g = bm.mean_and_se([r["best_of_n"][i]["gold"] for r in results])
+        p = bm.mean_and_se([r["best_of_n"][i]["proxy"] for r in results])
+        lines.append(f"| {point['n']} | {point['kl']:.3f} | {g[0]:.3f} | {p[0]:.3f} |")
+    lines += ["", "## Over-optimisation", "",
+              f"Seeds where the gold reward fell by more than twice its standard error after its peak while the "
+              f"proxy score kept rising: **{s['over_optimisation_seeds']} of {n}**.", "",
+              "| seed | peak gold (step, KL) | last gold | gold fall | proxy rise after the peak |", "|---|---|---|---|---|"]
+    for r in results:
+        o = r["over_optimisation"]
+        lines.append(f"| {r['seed']} | {o['peak_gold']:.3f} (step {o['peak_step']}, KL {o['peak_kl']:.2f}) | "
+                     f"{o['last_gold']:.3f} | {o['gold_fall']:+.3f} | {o['proxy_rise']:+.3f} |")
+    lines += ["", "## Per seed", "", "| seed | RM acc | Bayes | SFT gold | PPO gold (KL) | " +
+              ("RLOO gold (KL) | " if cfg.rloo else "") + "time (s) |", "|---|---|---|---|---|" + ("---|" if cfg.rloo else "") + "---|"]
+    for r in results:
+        rloo = f"{r['rloo']['evals'][-1]['gold']:.3f} ({r['rloo']['evals'][-1]['kl']:.2f}) | " if cfg.rloo else ""
+        lines.append(f"| {r['seed']} | {r['reward_model']['accuracy']:.3f} | {r['reward_model']['bayes_accuracy']:.3f} | "
+                     f"{r['sft']['gold']:.3f} | {r['ppo'][-1]['gold']:.3f} ({r['ppo'][-1]['kl']:.2f}) | {rloo}"
+                     f"{sum(r['timings_s'].values()):.0f} |")
+    lines += ["", "Same budget: PPO and RLOO each sample "
+              f"{cfg.ppo_steps * cfg.rollout_batch} responses (PPO: {cfg.rollout_batch} prompts × 1 per iteration, "
+              f"4 epochs × 2 mini-batches; RLOO: {cfg.rollout_batch // cfg.rloo_k} prompts × {cfg.rloo_k}, one optimizer "
+              f"step per batch), LoRA r=16 on the same SFT model, learning rate {cfg.learning_rate}, KL coefficient "
+              f"{cfg.kl_coef}, reward = the reward model's normalised score.", ""]
+    lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(results):
+        label = (lambda name: name if i == 0 else None)
+        sft = (0.0, r["sft"]["gold"])
+        ax.plot([sft[0]] + [e["kl"] for e in r["ppo"]], [sft[1]] + [e["gold"] for e in r["ppo"]], "o-", color="C0",
+                alpha=0.8, label=label("PPO (ours)"))
+        if cfg.rloo:
+            ev = r["rloo"]["evals"]
+            ax.plot([sft[0]] + [e["kl"] for e in ev], [sft[1]] + [e["gold"] for e in ev], "s-", color="C2",
+                    alpha=0.8, label=label("TRL RLOO"))
+        ax.plot([p["kl"] for p in r["best_of_n"]], [p["gold"] for p in r["best_of_n"]], "^--", color="C1",
+                alpha=0.8, label=label("best-of-n (analytic KL)"))
+    ax.set_xlabel("KL(policy ‖ SFT), nats")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Gold reward against KL (one line per seed)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(str(out / "gold_vs_kl.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, r in enumerate(results):
+        steps = [0] + [e["step"] for e in r["ppo"]]
+        axes[0].plot(steps, [r["sft"]["gold"]] + [e["gold"] for e in r["ppo"]], "o-", label=f"seed {r['seed']}")
+        axes[1].plot(steps, [r["sft"]["proxy"]] + [e["proxy"] for e in r["ppo"]], "o-", label=f"seed {r['seed']}")
+    axes[0].set_title("PPO: gold reward")
+    axes[1].set_title("PPO: proxy (reward-model) score")
+    for a in axes:
+        a.set_xlabel("PPO iteration")
+        a.legend()
+    fig.tight_layout()
+    paths.append(str(out / "ppo_gold_and_proxy.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(cfg: BenchAlignConfig) -> dict:
+    check(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from rlhf import config
+
+    config.save(cfg, out / "rlhf_config.yaml")
+    results = []
+    for seed in cfg.seeds:
+        print(f"\n=== bench align: seed {seed} ===")
+        results.append(run_seed(cfg, seed, out / f"seed_{seed}"))
+    summary = summarise(cfg, results)
+    plots = plot(cfg, results, out / "plots")
+    report = {"summary": summary, "seeds": results, "config": config.to_dict(cfg)}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+    md = markdown(cfg, summary, results, plots)
+    (out / "report.md").write_text(md)
+    print("\n" + md)
+    print(f"written: {out / 'report.md'}, {out / 'report.json'}, {out / 'plots'}")
+    return report
