@@ -610,11 +610,12 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
 
 
-def main(cfg: PPOConfig, reward=None, on_step=None) -> list[dict]:
+def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[dict]:
     """Run PPO; returns the per-iteration metrics (also in output_dir/metrics.jsonl and W&B).
     `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`).
     `on_step(step, actor_critic, tokenizer)`, if given, runs on every process after each iteration
-    (the benchmarks evaluate the policy along the run with it); a dict it returns joins the metrics."""
+    (the benchmarks evaluate the policy along the run with it); a dict it returns joins the metrics.
+    `save=False` writes no checkpoint and no final models (the speed benchmark)."""
     import transformers
     from tqdm.auto import tqdm
 
@@ -788,16 +789,17 @@ def main(cfg: PPOConfig, reward=None, on_step=None) -> list[dict]:
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 _log_samples(run, tokenizer, batch_prompts, texts, raw, cfg.num_samples, step + 1)
 
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == p.steps:
+        if save and ((step + 1) % cfg.save_steps == 0 or step + 1 == p.steps):
             save_checkpoint(accelerator, out, step + 1,
                             {"step": step + 1, "history": history, "kl_ctl": kl_ctl.state_dict(),
                              "reward_moments": moments.state_dict()}, cfg.save_total_limit)
 
-    export_models(accelerator, model, tokenizer, out, base_path)
+    if save:
+        export_models(accelerator, model, tokenizer, out, base_path)
     if accelerator.is_main_process and history:
         first, last = history[0], history[-1]
         print(f"ppo done: score {first['objective/scores']:.4f} -> {last['objective/scores']:.4f}, "
-              f"KL {first['objective/kl']:.4f} -> {last['objective/kl']:.4f}; policy in {out / 'policy'}")
+              f"KL {first['objective/kl']:.4f} -> {last['objective/kl']:.4f}" + (f"; policy in {out / 'policy'}" if save else ""))
     tracking.finish(run)
     return history
 
