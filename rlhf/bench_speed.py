@@ -155,7 +155,8 @@ def build(cfg: BenchSpeedConfig, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     mc = model_config(cfg)
-    mc.pad_token_id, mc.bos_token_id, mc.eos_token_id = 0, 1, 2
+    # No EOS in the model's generation config: with no stop token every response runs to response_length.
+    mc.pad_token_id, mc.bos_token_id, mc.eos_token_id = 0, 1, None
     dtype = _dtype(cfg)
     tok = word_tokenizer(mc.vocab_size)
     paths = {"policy": out / "models" / "policy", "reward": out / "models" / "reward"}

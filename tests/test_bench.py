@@ -1,0 +1,115 @@
+"""`rlhf bench align` and `rlhf bench speed` on miniature settings: their numbers come out and agree
+with each other (no timing is asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf import bench_align, bench_math, bench_speed, cli, config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_bench_align_miniature(tmp_path):
+    cfg = config.parse(bench_align.BenchAlignConfig, [
+        "--output_dir", str(tmp_path / "align"), "--seeds", "0", "--sft_rows", "400", "--sft_steps", "60",
+        "--pair_prompts", "400", "--rm_steps", "20", "--ppo_steps", "4", "--rollout_batch", "16", "--eval_every", "2",
+        "--eval_prompts", "24", "--best_of_n", "4", "--rloo", "false", "--max_new_tokens", "8"], "t")
+    report = bench_align.main(cfg)
+    r = report["seeds"][0]
+    # Bayes accuracy: between chance and certainty; the RM is measured on the same held-out pairs
+    rm = r["reward_model"]
+    assert 0.5 < rm["bayes_accuracy"] < 1.0 and 0.0 <= rm["accuracy"] <= 1.0
+    assert rm["pairs"] == r["pairs"]["test"] > 0
+    # best-of-n: analytic KL; n = 1 is plain sampling
+    assert [p["n"] for p in r["best_of_n"]] == [1, 2, 4]
+    assert [p["kl"] for p in r["best_of_n"]] == pytest.approx([bench_math.best_of_n_kl(n) for n in (1, 2, 4)])
+    assert r["best_of_n"][0]["kl"] == 0.0
+    # the proxy picks its favourite, so the proxy score of best-of-n cannot fall with n
+    proxies = [p["proxy"] for p in r["best_of_n"]]
+    assert proxies == sorted(proxies)
+    # the SFT policy evaluated against itself: KL exactly 0
+    assert r["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 <= r["sft"]["gold"] <= 1.0
+    # PPO evaluated at steps 2 and 4, and its KL measured on its own samples is >= 0 in expectation
+    assert [e["step"] for e in r["ppo"]] == [2, 4]
+    assert report["summary"]["ppo_final_gold"]["mean"] == r["ppo"][-1]["gold"]
+    out = tmp_path / "align"
+    md = (out / "report.md").read_text()
+    assert "Bayes-optimal accuracy" in md and f"{rm['bayes_accuracy']:.3f}" in md
+    assert (out / "plots" / "gold_vs_kl.png").stat().st_size > 1000
+    assert json.loads((out / "report.json").read_text())["summary"]["seeds"] == [0]
+    metrics = [json.loads(line) for line in (out / "seed_0" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["eval/gold"] == r["ppo"][0]["gold"]  # the evaluations also land in PPO's metrics
+
+
+def test_over_optimisation_detection():
+    evals = [{"step": s, "gold": g, "gold_se": 0.01, "proxy": p, "kl": s / 10}
+             for s, g, p in [(10, 0.5, 0.1), (20, 0.6, 0.3), (30, 0.4, 0.6)]]
+    o = bench_align.over_optimisation(evals)
+    assert o["detected"] and o["peak_step"] == 20 and o["gold_fall"] == pytest.approx(0.2)
+    evals[-1]["gold"] = 0.59  # a fall within noise is not over-optimisation
+    assert not bench_align.over_optimisation(evals)["detected"]
+
+
+def test_word_tokenizer_round_trip():
+    tok = bench_speed.word_tokenizer(1000)
+    assert len(tok) == 1000 and tok.pad_token_id == 0 and tok.eos_token_id == 2
+    ids = torch.randint(3, 1000, (50,)).tolist()
+    text = tok.decode(ids)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids
+    prompt = bench_speed.as_messages([ids])[0]
+    assert tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+
+
+def test_flop_count_by_hand():
+    # 2 params/token forward; critic and reward model lack the LM head; LoRA backward = 1x forward
+    f = bench_speed.iteration_flops(n_matmul=100, n_head=40, batch=2, prompt_len=3, response_len=2, epochs=2,
+                                    peft="lora")
+    T = 5
+    assert f["generate"] == 2 * 100 * 2 * T
+    assert f["forward"] == 2 * 2 * T * (100 + 60 + 100)
+    assert f["score"] == 2 * 2 * T * 60
+    assert f["train"] == 2 * 4 * 2 * T * (100 + 60)
+    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "full")["train"] == 2 * 6 * 2 * T * 160
+
+
+def test_matmul_params_of_a_real_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    for tied in (False, True):
+        c = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=300, tie_word_embeddings=tied)
+        model = AutoModelForCausalLM.from_config(c)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        n_matmul, head = bench_speed.matmul_params(c, sum(p.numel() for p in model.parameters()))
+        norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+        assert n_matmul - norms == linear and head == 300 * 32
+
+
+def test_bench_speed_miniature(tmp_path):
+    cfg = config.parse(bench_speed.BenchSpeedConfig, [
+        "--output_dir", str(tmp_path / "speed"), "--tiny.hidden_size", "32", "--batch_size", "4",
+        "--prompt_length", "6", "--response_length", "5", "--steps", "2", "--trainers", "ours"], "t")
+    r = bench_speed.main(cfg)["results"][0]
+    assert r["tokens_per_iteration"] == 4 * (6 + 5)  # no stop token: every response is full length
+    parts = sum(r["time"][k] for k in ("generate", "forward", "score", "train"))
+    assert parts == pytest.approx(r["time"]["total"], rel=1e-6)
+    assert r["tokens_per_second"] == pytest.approx(r["tokens_per_iteration"] / r["time"]["total"])
+    assert r["steps_timed"] == 2 and r["peak_memory_gb"] > 0
+    assert r["achieved_flops_per_second"] == pytest.approx(r["model_flops_per_iteration"] / r["time"]["total"])
+    assert "| rlhf PPO (ours) |" in (tmp_path / "speed" / "result.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench"], "expected which benchmark"),
+    (["bench", "align", "--best_of_n", "6"], "best_of_n must be a power of two, got 6"),
+    (["bench", "align", "--rollout_batch", "30", "--rloo_k", "4"], "rollout_batch (30) must be divisible by rloo_k"),
+    (["bench", "speed", "--trainers", "ours", "foo"], "trainers: unknown ['foo']"),
+    (["bench", "speed", "--model", "nonexistent-shape"], "model: 'nonexistent-shape' is not `tiny`"),
+])
+def test_bench_cli_errors(capsys, argv, message):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
