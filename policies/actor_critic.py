@@ -87,10 +87,12 @@ class ActorCritic(nn.Module):
             for p in self._adapter_params:
                 p.requires_grad_(True)
 
-    def policy_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T, V)
+    def policy_logits(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0) -> torch.Tensor:
+        """(B, T, V), or (B, logits_to_keep, V) for the last positions only: the LM head over the prompt
+        is wasted work, and with a large vocabulary most of the activation memory."""
         with self.adapter(POLICY):
             return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).logits
+                               use_cache=False, logits_to_keep=logits_to_keep).logits
 
     def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T)
         trunk = backbone(self.policy) if self.shared else self.critic
@@ -100,21 +102,21 @@ class ActorCritic(nn.Module):
         return self.value_head(hidden)
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T, V)
+    def reference_logits(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0) -> torch.Tensor:
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=logits_to_keep)
         if self.shared:
             with self.policy.disable_adapter():
-                return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False).logits
-        return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).logits
+                return self.policy(**kw).logits
+        return self.reference(**kw).logits
 
-    def forward(self, input_ids, attention_mask, position_ids, reference: bool = False):
-        """(policy logits (B, T, V), values (B, T)) in one call: what a training step needs; with
-        `reference`, (reference logits, None). Everything goes through forward so that a DeepSpeed
-        engine wrapping this module sees (and, under ZeRO-3, gathers for) every call."""
+    def forward(self, input_ids, attention_mask, position_ids, reference: bool = False, logits_to_keep: int = 0):
+        """(policy logits (B, T or logits_to_keep, V), values (B, T)) in one call: what a training step
+        needs; with `reference`, (reference logits, None). Everything goes through forward so that a
+        DeepSpeed engine wrapping this module sees (and, under ZeRO-3, gathers for) every call."""
         if reference:
-            return self.reference_logits(input_ids, attention_mask, position_ids), None
-        return (self.policy_logits(input_ids, attention_mask, position_ids),
+            return self.reference_logits(input_ids, attention_mask, position_ids, logits_to_keep), None
+        return (self.policy_logits(input_ids, attention_mask, position_ids, logits_to_keep),
                 self.values(input_ids, attention_mask, position_ids))
 
     def generation_model(self) -> nn.Module:

@@ -52,7 +52,7 @@ class BenchAlignConfig:
     """Shape of the tiny random-init Llama that is fine-tuned."""
     sft_rows: int = 2000
     """Synthetic conversations in the SFT corpus."""
-    sft_steps: int = 200
+    sft_steps: int = 600
     """SFT optimizer steps (batch 16)."""
     pair_prompts: int = 1500
     """Prompts the SFT policy answers twice for preference labels (pairs with identical replies are dropped)."""

@@ -464,10 +464,10 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, prompt_len: int, temperature: float):
-    """logits (B, T, V) -> logprobs of the response tokens (B, A) at the sampling temperature."""
-    logits = logits[:, prompt_len - 1:-1] / temperature
-    return core.logprobs_from_logits(logits, responses)
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
+    """logits (B, A + 1, V) of the last A + 1 positions (the model called with logits_to_keep=A + 1)
+    -> logprobs of the response tokens (B, A) at the sampling temperature."""
+    return core.logprobs_from_logits(logits[:, :-1] / temperature, responses)
 
 
 @torch.no_grad()
@@ -489,11 +489,12 @@ def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chun
     lp, ref_lp, vals = [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
-        logits, values = ac(ids[s], mask[s], pos[s])
-        lp.append(response_logprobs(logits, responses[s], prompt_len, temperature))
+        keep = responses.shape[1] + 1
+        logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep)
+        lp.append(response_logprobs(logits, responses[s], temperature))
         vals.append(values[:, prompt_len - 1:-1].float())
-        ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True)
-        ref_lp.append(response_logprobs(ref_logits, responses[s], prompt_len, temperature))
+        ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
+        ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
     return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals)
 
 
@@ -519,13 +520,13 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                 i = mb[m0:m0 + sizes.micro_batch]
                 rmask = r.response_mask[i]
                 with accelerator.accumulate(model):
-                    logits, values = model(ids[i], mask[i], pos[i])
-                    new_lp = response_logprobs(logits, r.responses[i], P, cfg.temperature)
+                    logits, values = model(ids[i], mask[i], pos[i], logits_to_keep=r.responses.shape[1] + 1)
+                    new_lp = response_logprobs(logits, r.responses[i], cfg.temperature)
                     new_values = values[:, P - 1:-1].float()
                     pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
                     vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask, cfg.cliprange_value)
                     # entropy of the sampling distribution (at the temperature); a bonus when entropy_coef > 0
-                    entropy = core.masked_mean(core.entropy_from_logits(logits[:, P - 1:-1] / cfg.temperature), rmask)
+                    entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1] / cfg.temperature), rmask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
                     # accelerate divides by gradient_accumulation_steps; re-weight by token share instead.
                     weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps

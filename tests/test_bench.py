@@ -91,15 +91,21 @@ def test_matmul_params_of_a_real_model():
 def test_bench_speed_miniature(tmp_path):
     cfg = config.parse(bench_speed.BenchSpeedConfig, [
         "--output_dir", str(tmp_path / "speed"), "--tiny.hidden_size", "32", "--batch_size", "4",
-        "--prompt_length", "6", "--response_length", "5", "--steps", "2", "--trainers", "ours"], "t")
-    r = bench_speed.main(cfg)["results"][0]
+        "--prompt_length", "6", "--response_length", "5", "--steps", "2", "--trainers", "ours", "trl_rloo"], "t")
+    report = bench_speed.main(cfg)
+    r = report["results"][0]
     assert r["tokens_per_iteration"] == 4 * (6 + 5)  # no stop token: every response is full length
     parts = sum(r["time"][k] for k in ("generate", "forward", "score", "train"))
     assert parts == pytest.approx(r["time"]["total"], rel=1e-6)
     assert r["tokens_per_second"] == pytest.approx(r["tokens_per_iteration"] / r["time"]["total"])
     assert r["steps_timed"] == 2 and r["peak_memory_gb"] > 0
     assert r["achieved_flops_per_second"] == pytest.approx(r["model_flops_per_iteration"] / r["time"]["total"])
-    assert "| rlhf PPO (ours) |" in (tmp_path / "speed" / "result.md").read_text()
+    rloo = report["results"][1]
+    assert rloo["tokens_per_iteration"] == 4 * (6 + 5)  # the same work for TRL's RLOO
+    assert rloo["steps_timed"] == 2
+    assert sum(rloo["time"][k] for k in ("generate", "score", "train")) == pytest.approx(rloo["time"]["total"])
+    md = (tmp_path / "speed" / "result.md").read_text()
+    assert "| rlhf PPO (ours) |" in md and "| TRL RLOOTrainer" in md
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -270,3 +270,30 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
     with pytest.raises(UserError, match="needs a fully fine-tuned reward model"):
         ppo.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full",
                                     "--ppo.critic_init", "reward"), True)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_rollout_logprobs_match_a_full_forward(tmp_path, sft_policy, method):
+    """forward_rollout keeps only the response positions' logits (logits_to_keep); the logprobs must be
+    those of an ordinary full-sequence forward of the policy and of the reference."""
+    from policies.models import load_causal_lm
+
+    cfg = ppo_config(tmp_path, sft_policy, "--peft.method", method)
+    tok, ac, path = ppo.build_models(cfg, True)
+    ac.eval()
+    prompts = ppo.load_prompts(cfg.data)[:5]
+    q, qm = ppo.left_pad(ppo.encode_prompts(tok, prompts, 64), tok.pad_token_id)
+    torch.manual_seed(0)
+    resp = torch.randint(3, len(tok), (5, 6))
+    ids, mask = torch.cat([q, resp], 1), torch.cat([qm, torch.ones_like(resp)], 1)
+    pos = ppo.position_ids(mask)
+    with torch.no_grad():
+        for p in ac.value_head.parameters():  # not all-zero, so values are checked too
+            p.add_(0.1)
+        lp, ref_lp, values = ppo.forward_rollout(ac, ids, mask, pos, resp, q.shape[1], 0.7, chunk=2)
+        plain = load_causal_lm(path, cfg.model, "full").eval()
+        full = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, q.shape[1] - 1:-1] / 0.7
+        expected = torch.log_softmax(full.float(), -1).gather(-1, resp[..., None])[..., 0]
+    assert torch.allclose(ref_lp, expected, atol=1e-5)
+    assert torch.allclose(lp, expected, atol=1e-5)  # a fresh LoRA (B = 0) / an untouched copy is the reference
+    assert values.shape == (5, 6) and values.abs().sum() > 0
