@@ -172,6 +172,8 @@ def build(cfg: BenchSpeedConfig, out: Path) -> dict:
             model = cls.from_config(c, dtype=dtype)
         if name == "policy":
             n_params = sum(p.numel() for p in model.parameters())
+        if name == "policy":  # a sampled PAD would be masked out as padding: keep every response full length
+            model.generation_config.suppress_tokens = [mc.pad_token_id]
         model.save_pretrained(paths[name], safe_serialization=True)
         tok.save_pretrained(paths[name])
         marker.write_text(spec)

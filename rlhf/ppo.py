@@ -525,8 +525,10 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                     new_values = values[:, P - 1:-1].float()
                     pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
                     vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask, cfg.cliprange_value)
-                    # entropy of the sampling distribution (at the temperature); a bonus when entropy_coef > 0
-                    entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1] / cfg.temperature), rmask)
+                    # entropy of the sampling distribution (at the temperature): a bonus when entropy_coef > 0,
+                    # else only a metric, kept out of the graph (a softmax over (B, A, V) saved for backward)
+                    with torch.set_grad_enabled(cfg.entropy_coef != 0):
+                        entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1] / cfg.temperature), rmask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
                     # accelerate divides by gradient_accumulation_steps; re-weight by token share instead.
                     weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps
