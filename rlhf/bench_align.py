@@ -11,7 +11,7 @@ relative). For each seed:
 2. Labels: for each of `pair_prompts` prompts the SFT policy samples two replies; a simulated labeller
    prefers one with Bradley–Terry probability sigmoid(bt_beta * gold difference). The best accuracy any
    reward model can reach on these labels (Bayes) is therefore known exactly.
-3. Reward model: trained on those labels (LoRA on the SFT model, as InstructGPT); its accuracy on held-out
+3. Reward model: trained on those labels (started from the SFT model, as InstructGPT); its accuracy on held-out
    pairs is reported next to the Bayes accuracy of the same pairs.
 4. PPO (ours) optimises the reward model; every `eval_every` iterations the policy is sampled on held-out
    prompts and we record its gold reward, the proxy (reward-model) score and its KL to the SFT policy.
@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -54,20 +55,24 @@ class BenchAlignConfig:
     """Synthetic conversations in the SFT corpus."""
     sft_steps: int = 600
     """SFT optimizer steps (batch 16)."""
-    pair_prompts: int = 1500
+    pair_prompts: int = 3000
     """Prompts the SFT policy answers twice for preference labels (pairs with identical replies are dropped)."""
     bt_beta: float = 8.0
     """Bradley–Terry inverse temperature of the simulated labeller: P(a > b) = sigmoid(bt_beta * (gold_a - gold_b)).
     Larger: less label noise, higher Bayes accuracy."""
-    rm_steps: int = 300
+    rm_steps: int = 400
     """Reward-model optimizer steps (batch 16)."""
+    rm_peft: Literal["full", "lora"] = "full"
+    """Reward model: full fine-tuning of the SFT model (better on this tiny model) or LoRA r=16."""
+    rm_learning_rate: float = 1e-3
+    """Reward-model learning rate."""
     rm_test_fraction: float = 0.2
     """Pairs held out to measure reward-model accuracy (another 10% pick the best checkpoint)."""
     ppo_steps: int = 60
     """PPO iterations; RLOO gets the same number of sampled responses."""
     rollout_batch: int = 32
     """Responses sampled per iteration (PPO: prompts per iteration; RLOO: prompts x rloo_k)."""
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     """LoRA learning rate of PPO and RLOO."""
     kl_coef: float = 0.05
     """KL penalty coefficient of PPO and (as beta) RLOO. Small values let over-optimisation show."""
@@ -201,10 +206,10 @@ def run_reward(cfg: BenchAlignConfig, sft_dir: str, out: Path, seed: int) -> str
     from rlhf.config import PreferenceDataConfig, RewardConfig, RewardTrainConfig
 
     reward_stage.main(RewardConfig(
-        model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method="lora", r=16, lora_alpha=32, lora_dropout=0.0),
+        model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method=cfg.rm_peft, r=16, lora_alpha=32, lora_dropout=0.0),
         data=PreferenceDataConfig(train=str(out / "data" / "prefs_train.jsonl"), format="pairs",
                                   validation=str(out / "data" / "prefs_validation.jsonl")),
-        train=RewardTrainConfig(learning_rate=3e-3, max_steps=cfg.rm_steps, warmup_steps=20, per_device_train_batch_size=16,
+        train=RewardTrainConfig(learning_rate=cfg.rm_learning_rate, max_steps=cfg.rm_steps, warmup_steps=20, per_device_train_batch_size=16,
                                 per_device_eval_batch_size=64, max_length=128, lr_scheduler_type="cosine",
                                 logging_steps=50, eval_steps=max(cfg.rm_steps // 3, 1), metric_for_best_model="accuracy"),
         output_dir=str(out / "reward"), seed=seed))
@@ -320,14 +325,15 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
         result["rloo"] = run_rloo(cfg, sft_dir, proxy, evaluator, out, seed)
         timings["rloo"] = time.perf_counter() - t
     result["timings_s"] = timings
-    result["over_optimisation"] = over_optimisation(result["ppo"])
+    result["over_optimisation"] = over_optimisation([{"step": 0, **result["sft"]}] + result["ppo"])
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def over_optimisation(evals: list[dict]) -> dict:
-    """Did the gold reward fall after its peak while the proxy kept rising? Compared: the best gold
-    point and the last one; `detected` needs the fall to exceed twice its standard error."""
+    """Did the gold reward fall after its peak while the proxy kept rising? `evals`: the policy's path,
+    starting at the SFT policy (step 0). Compared: the best gold point and the last one; `detected`
+    needs the fall to exceed twice its standard error."""
     peak = max(evals, key=lambda e: e["gold"])
     last = evals[-1]
     fall, rise = peak["gold"] - last["gold"], last["proxy"] - peak["proxy"]
@@ -402,7 +408,7 @@ def markdown(cfg: BenchAlignConfig, s: dict, results: list[dict], plots: list[st
         "| policy | gold reward | KL to SFT | proxy score (normalised) |", "|---|---|---|---|",
         f"| SFT | {_pm(s['sft_gold'])} | 0 | {bm.mean_and_se([r['sft']['proxy'] for r in results])[0]:.3f} |",
         f"| PPO (ours), end | {_pm(s['ppo_final_gold'])} | {_pm(s['ppo_final_kl'], 2)} | {_pm(s['ppo_final_proxy'])} |",
-        f"| PPO (ours), best evaluation | {_pm(s['ppo_peak_gold'])} | | |",
+        f"| PPO (ours), best point of its path (SFT included) | {_pm(s['ppo_peak_gold'])} | | |",
     ]
     if cfg.rloo:
         proxy = bm.mean_and_se([r["rloo"]["evals"][-1]["proxy"] for r in results])[0]
