@@ -804,6 +804,8 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         print(f"ppo done: score {first['objective/scores']:.4f} -> {last['objective/scores']:.4f}, "
               f"KL {first['objective/kl']:.4f} -> {last['objective/kl']:.4f}" + (f"; policy in {out / 'policy'}" if save else ""))
     tracking.finish(run)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroy the process group: ranks exit cleanly, not in a teardown race
     return history
 
 
