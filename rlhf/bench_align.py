@@ -112,17 +112,14 @@ def check(cfg: BenchAlignConfig) -> None:
 class Evaluator:
     """Samples a policy on the held-out prompts; gold reward, proxy score, KL to the SFT policy."""
 
-    def __init__(self, cfg: BenchAlignConfig, sft_dir: str, prompts: list, proxy, seed: int):
-        from rlhf.eval_policy import EvalPolicyConfig, load_lm
-
-        self.sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         batch_size=64, max_prompt_length=256)
-        self.reference = load_lm(sft_dir)
+    def __init__(self, cfg: BenchAlignConfig, reference, prompts: list, proxy, seed: int):
+        self.sampling = sampling(cfg, 64)
+        self.reference = reference  # the SFT policy
         self.prompts, self.proxy, self.seed = prompts, proxy, seed
 
     @torch.no_grad()
     def __call__(self, policy, tokenizer) -> dict:
-        from rlhf.eval_policy import sample, sequence_logprob
+        from rlhf.eval_policy import decode, sample, sequence_logprob
 
         was_training = policy.training
         policy.eval()
@@ -130,8 +127,7 @@ class Evaluator:
         with torch.random.fork_rng():  # a seeded evaluation must not reset the training run's sampling
             batches = sample(policy, tokenizer, self.prompts, self.sampling, self.seed)
         for ids, mask, responses, rmask in batches:
-            texts += tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
-                                            skip_special_tokens=True)
+            texts += decode(tokenizer, responses, rmask)
             kl += (sequence_logprob(policy, ids, mask, responses, rmask, self.sampling.temperature)
                    - sequence_logprob(self.reference, ids.cpu(), mask.cpu(), responses.cpu(), rmask.cpu(),
                                       self.sampling.temperature).to(ids.device)).tolist()
@@ -152,6 +148,24 @@ def _prompts(n: int, seed: int) -> list[list[dict]]:
     return [row["prompt"] for row in synthetic.prompt_rows(n, seed)]
 
 
+def _train_prompts(cfg: BenchAlignConfig, seed: int) -> list[list[dict]]:
+    """The prompts PPO and RLOO both train on."""
+    return _prompts(max(cfg.rollout_batch * 20, 400), 60_000 + seed)
+
+
+def sampling(cfg: BenchAlignConfig, batch_size: int):
+    from rlhf.eval_policy import EvalPolicyConfig
+
+    return EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=batch_size,
+                            max_prompt_length=256)
+
+
+def sample_texts(model, tok, prompts: list, sampling_cfg, seed: int) -> list[str]:
+    from rlhf.eval_policy import decode, sample
+
+    return [t for _, _, r, m in sample(model, tok, prompts, sampling_cfg, seed) for t in decode(tok, r, m)]
+
+
 def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
     from rlhf import sft
     from rlhf.config import DataConfig, SFTConfig, TrainConfig
@@ -167,20 +181,11 @@ def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
     return str(out / "sft")
 
 
-def label_pairs(cfg: BenchAlignConfig, sft_dir: str, out: Path, seed: int) -> dict:
-    """Two SFT samples per prompt, gold-scored, labelled under Bradley–Terry noise; split into
-    reward-model train / validation / test files."""
-    from transformers import AutoTokenizer
-
-    from rlhf.eval_policy import EvalPolicyConfig, load_lm, sample
-
+def label_pairs(cfg: BenchAlignConfig, sft, tok, out: Path, seed: int) -> dict:
+    """Two samples per prompt from the SFT policy `sft`, gold-scored, labelled under Bradley–Terry
+    noise; split into reward-model train / validation / test files."""
     prompts = _prompts(cfg.pair_prompts, 20_000 + seed)
-    model, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)
-    sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=64)
-    replies = []
-    for s in (seed, seed + 1):
-        replies.append([t for _, _, r, m in sample(model, tok, prompts, sampling, 30_000 + s)
-                        for t in tok.batch_decode(r.masked_fill(~m, tok.pad_token_id), skip_special_tokens=True)])
+    replies = [sample_texts(sft, tok, prompts, sampling(cfg, 64), 30_000 + s) for s in (seed, seed + 1)]
     keep = [i for i, (a, b) in enumerate(zip(*replies)) if a.strip() != b.strip()]
     prompts = [prompts[i] for i in keep]
     a, b = [replies[0][i] for i in keep], [replies[1][i] for i in keep]
@@ -232,18 +237,11 @@ def reward_accuracy(proxy, test: list[dict], beta: float) -> dict:
             "gold_order_accuracy": gold_order.mean().item() if len(gold_order) else float("nan")}
 
 
-def best_of_n_curve(cfg: BenchAlignConfig, sft_dir: str, prompts: list, proxy, seed: int) -> list[dict]:
-    """N = cfg.best_of_n SFT samples per prompt, then best-of-n for n = 1, 2, 4, ... N."""
-    from transformers import AutoTokenizer
-
-    from rlhf.eval_policy import EvalPolicyConfig, load_lm, sample
-
+def best_of_n_curve(cfg: BenchAlignConfig, sft, tok, prompts: list, proxy, seed: int) -> list[dict]:
+    """N = cfg.best_of_n samples per prompt from the SFT policy, then best-of-n for n = 1, 2, 4, ... N."""
     N = cfg.best_of_n
-    model, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)
     repeated = [p for p in prompts for _ in range(N)]
-    sampling = EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=128)
-    texts = [t for _, _, r, m in sample(model, tok, repeated, sampling, 50_000 + seed)
-             for t in tok.batch_decode(r.masked_fill(~m, tok.pad_token_id), skip_special_tokens=True)]
+    texts = sample_texts(sft, tok, repeated, sampling(cfg, 128), 50_000 + seed)
     gold = torch.tensor(synthetic.gold_reward(repeated, texts)).reshape(len(prompts), N)
     score = proxy.score(repeated, texts, normalize=True).float().reshape(len(prompts), N)
     curve, n = [], 1
@@ -259,7 +257,7 @@ def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, ou
     from rlhf import ppo
 
     prompts_file = out / "data" / "ppo_prompts.jsonl"
-    synthetic.write_jsonl(synthetic.prompt_rows(max(cfg.rollout_batch * 20, 400), 60_000 + seed), prompts_file)
+    synthetic.write_jsonl([{"prompt": p} for p in _train_prompts(cfg, seed)], prompts_file)
     evals = []
 
     def on_step(step, ac, tokenizer):
@@ -284,9 +282,8 @@ def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, ou
 def run_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> dict:
     from rlhf import trl_rloo
 
-    prompts = [row["prompt"] for row in synthetic.prompt_rows(max(cfg.rollout_batch * 20, 400), 60_000 + seed)]
     result = trl_rloo.run_rloo(
-        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), prompts, str(out / "rloo"),
+        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), _train_prompts(cfg, seed), str(out / "rloo"),
         trl_rloo.RLOOSettings(steps=cfg.ppo_steps, prompts_per_step=cfg.rollout_batch // cfg.rloo_k,
                               num_generations=cfg.rloo_k, learning_rate=cfg.learning_rate, beta=cfg.kl_coef,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, lora_r=16,
@@ -296,27 +293,29 @@ def run_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, o
 
 
 def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
     from reward.interface import load_reward
+    from rlhf.eval_policy import load_lm
 
     timings = {}
     t = time.perf_counter()
     sft_dir = run_sft(cfg, out, seed)
     timings["sft"] = time.perf_counter() - t
+    sft, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)  # labels, best-of-n, KL reference
     t = time.perf_counter()
-    splits = label_pairs(cfg, sft_dir, out, seed)
+    splits = label_pairs(cfg, sft, tok, out, seed)
     rm_dir = run_reward(cfg, sft_dir, out, seed)
     timings["reward"] = time.perf_counter() - t
     proxy = load_reward(rm_dir, kind="preference", batch_size=128)
     result = {"seed": seed, "pairs": {k: len(v) for k, v in splits.items()},
               "reward_model": reward_accuracy(proxy, splits["test"], cfg.bt_beta)}
     eval_prompts = _prompts(cfg.eval_prompts, 70_000 + seed)
-    evaluator = Evaluator(cfg, sft_dir, eval_prompts, proxy, seed)
+    evaluator = Evaluator(cfg, sft, eval_prompts, proxy, seed)
     t = time.perf_counter()
-    result["best_of_n"] = best_of_n_curve(cfg, sft_dir, eval_prompts, proxy, seed)
+    result["best_of_n"] = best_of_n_curve(cfg, sft, tok, eval_prompts, proxy, seed)
     timings["best_of_n"] = time.perf_counter() - t
-    from transformers import AutoTokenizer
-
-    result["sft"] = evaluator(evaluator.reference, AutoTokenizer.from_pretrained(sft_dir))
+    result["sft"] = evaluator(sft, tok)
     t = time.perf_counter()
     result["ppo"] = run_ppo(cfg, sft_dir, proxy, evaluator, out, seed)
     timings["ppo"] = time.perf_counter() - t
@@ -455,7 +454,8 @@ def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(results):
-        label = (lambda name: name if i == 0 else None)
+        def label(name, first=i == 0):  # one legend entry per method, not per seed
+            return name if first else None
         sft = (0.0, r["sft"]["gold"])
         ax.plot([sft[0]] + [e["kl"] for e in r["ppo"]], [sft[1]] + [e["gold"] for e in r["ppo"]], "o-", color="C0",
                 alpha=0.8, label=label("PPO (ours)"))
@@ -469,10 +469,7 @@ def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
     ax.set_ylabel("gold reward")
     ax.set_title("Gold reward against KL (one line per seed)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(str(out / "gold_vs_kl.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "gold_vs_kl.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, r in enumerate(results):
@@ -484,11 +481,17 @@ def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
     for a in axes:
         a.set_xlabel("PPO iteration")
         a.legend()
-    fig.tight_layout()
-    paths.append(str(out / "ppo_gold_and_proxy.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "ppo_gold_and_proxy.png"))
     return paths
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def main(cfg: BenchAlignConfig) -> dict:

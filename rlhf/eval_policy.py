@@ -90,6 +90,11 @@ def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
     return out
 
 
+def decode(tokenizer, responses: torch.Tensor, rmask: torch.Tensor) -> list[str]:
+    """Texts of responses (B, A), without what follows the stop token and without special tokens."""
+    return tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
 @torch.no_grad()
 def sequence_logprob(model, ids, mask, responses, rmask, temperature: float) -> torch.Tensor:
     """Sum of the response tokens' logprobs (B,), at the sampling temperature."""
@@ -118,8 +123,7 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
         {"policy": [], "reference": []}
     for name, model in (("policy", policy), ("reference", reference)):
         for ids, mask, responses, rmask in sample(model, tokenizer, prompts, cfg, cfg.seed):
-            rows[name] += tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
-                                                 skip_special_tokens=True)
+            rows[name] += decode(tokenizer, responses, rmask)
             lengths[name] += rmask.sum(-1).tolist()
             eos[name] += (responses == tokenizer.eos_token_id).any(-1).float().tolist()
             if name == "policy":  # KL(policy || reference) on the policy's own samples
