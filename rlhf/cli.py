@@ -3,6 +3,7 @@
     rlhf sft --config FILE [--section.field VALUE ...]
     rlhf reward | classifier --config FILE [--section.field VALUE ...]
     rlhf eval reward --model DIR --data SOURCE
+    rlhf generate --model DIR --prompts.train SOURCE [--output FILE.jsonl]
     rlhf data check SOURCE [--format F]
     rlhf bench align | speed [--field VALUE ...]
     rlhf merge ADAPTER_DIR OUT_DIR
@@ -24,6 +25,7 @@ commands:
   reward           train a reward model on preference pairs        rlhf reward --help
   classifier       train a text classifier (usable as a reward)     rlhf classifier --help
   eval reward      accuracy and calibration of a reward model       rlhf eval reward --help
+  generate         sample a model on prompts, write JSONL (+ reward)  rlhf generate --help
   data check       read preference data, show counts and examples   rlhf data check --help
   ppo              PPO against a reward model, classifier or function  rlhf ppo --help
   pipeline         SFT -> reward model -> PPO in one command    rlhf pipeline --help
@@ -74,6 +76,12 @@ def _eval(argv: list[str]) -> None:
     eval_reward.main(config.parse(config.EvalRewardConfig, argv[1:], "rlhf eval reward"))
 
 
+def _generate(argv: list[str]) -> None:
+    from rlhf import config, generate
+
+    generate.main(config.parse(generate.GenerateConfig, argv, "rlhf generate"))
+
+
 def _bench(argv: list[str]) -> None:
     from rlhf import config
 
@@ -114,8 +122,9 @@ def _estimate_memory(argv: list[str]) -> None:
     memory.cli(argv)
 
 
-COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _eval, "data": _data, "ppo": _ppo, "pipeline": _pipeline,
-            "bench": _bench, "merge": _merge, "estimate-memory": _estimate_memory}
+COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _eval, "generate": _generate,
+            "data": _data, "ppo": _ppo, "pipeline": _pipeline, "bench": _bench, "merge": _merge,
+            "estimate-memory": _estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

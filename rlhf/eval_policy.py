@@ -3,10 +3,11 @@
     rlhf eval policy --policy runs/quickstart/ppo/policy --reference runs/quickstart/sft \
         --reward.spec runs/quickstart/reward --prompts.train builtin:quickstart_prompts
 
-Both models answer the same prompts; the reward scores both answers. Reported: the policy's win rate
-(ties count half), the mean reward of each, the KL of the policy to the reference on the policy's own
-samples (sum over tokens of log pi - log ref, the k1 estimate), response lengths and EOS rates, and a
-samples table, printed and written as JSON and Markdown (and to W&B when tracking is on).
+Both models answer the same prompts (each `samples_per_prompt` times); the reward scores both answers.
+Reported, as means over all samples: the policy's win rate (ties count half), the mean reward of each,
+the KL of the policy to the reference on the policy's own samples (sum over tokens of log pi - log ref,
+the k1 estimate), response lengths, EOS and truncation rates; and a samples table (each prompt's first
+sample), printed and written as JSON and Markdown (and to W&B when tracking is on).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class EvalPolicyConfig:
     """The reference (usually the SFT model the policy started from)."""
     reward: RewardSpec = field(default_factory=RewardSpec)
     prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=64))
-    max_new_tokens: int = 32
-    """Longest response."""
+    max_new_tokens: int = 64
+    """Longest response (a response that reaches it without EOS counts as truncated)."""
     temperature: float = 0.7
     """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
@@ -47,6 +48,8 @@ class EvalPolicyConfig:
     """Prompts generated per batch."""
     seed: int = 0
     """Sampling seed (the same for both models)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt by each model (more: less sampling noise in the means)."""
     num_samples: int = 8
     """Rows in the samples table."""
     output: Optional[str] = None
@@ -108,7 +111,11 @@ def sequence_logprob(model, ids, mask, responses, rmask, temperature: float) -> 
 def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
     from transformers import AutoTokenizer
 
+    if cfg.samples_per_prompt < 1:
+        raise UserError(f"--samples_per_prompt expects a positive integer, got {cfg.samples_per_prompt}")
     prompts = load_prompts(cfg.prompts)
+    n, k = len(prompts), cfg.samples_per_prompt
+    prompts = [p for p in prompts for _ in range(k)]  # N*K, each prompt's samples consecutive
     if reward is None:
         from reward.interface import load_reward
 
@@ -119,35 +126,43 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"the tokenizer of '{cfg.policy}' needs a PAD token distinct from EOS")
 
-    rows, kl, lengths, eos = {"policy": [], "reference": []}, [], {"policy": [], "reference": []}, \
-        {"policy": [], "reference": []}
+    rows, kl = {"policy": [], "reference": []}, []
+    lengths, eos = {"policy": [], "reference": []}, {"policy": [], "reference": []}
     for name, model in (("policy", policy), ("reference", reference)):
-        for ids, mask, responses, rmask in sample(model, tokenizer, prompts, cfg, cfg.seed):
+        for ids, mask, responses, rmask in sample(model, tokenizer, prompts, cfg, cfg.seed):  # (B, P), (B, A)
             rows[name] += decode(tokenizer, responses, rmask)
             lengths[name] += rmask.sum(-1).tolist()
-            eos[name] += (responses == tokenizer.eos_token_id).any(-1).float().tolist()
+            eos[name] += (responses == tokenizer.eos_token_id).any(-1).tolist()
             if name == "policy":  # KL(policy || reference) on the policy's own samples
                 kl += (sequence_logprob(policy, ids, mask, responses, rmask, cfg.temperature)
                        - sequence_logprob(reference, ids, mask, responses, rmask, cfg.temperature)).tolist()
-    r_pol = reward.score(prompts, rows["policy"]).float()
+    r_pol = reward.score(prompts, rows["policy"]).float()  # (N*K,)
     r_ref = reward.score(prompts, rows["reference"]).float()
-    wins = (r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()
-    n = len(prompts)
+    wins = (r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()  # (N*K,)
+    # The K samples of one prompt are correlated: the standard error is over the N per-prompt means.
+    per_prompt = wins.view(n, k).mean(1)  # (N,)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    truncated = {name: [not e and length == cfg.max_new_tokens for e, length in zip(eos[name], lengths[name])]
+                 for name in eos}
     report = {
         "n_prompts": n,
+        "samples_per_prompt": k,
+        "n_samples": n * k,
         "win_rate": wins.mean().item(),
-        "win_rate_stderr": (wins.std() / n ** 0.5).item() if n > 1 else None,
+        "win_rate_stderr": (per_prompt.std() / n ** 0.5).item() if n > 1 else None,
         "reward_policy": r_pol.mean().item(),
         "reward_reference": r_ref.mean().item(),
-        "kl_policy_reference": sum(kl) / n,
-        "length_policy": sum(lengths["policy"]) / n,
-        "length_reference": sum(lengths["reference"]) / n,
-        "eos_rate_policy": sum(eos["policy"]) / n,
-        "eos_rate_reference": sum(eos["reference"]) / n,
+        "kl_policy_reference": mean(kl),
+        "length_policy": mean(lengths["policy"]),
+        "length_reference": mean(lengths["reference"]),
+        "eos_rate_policy": mean(eos["policy"]),
+        "eos_rate_reference": mean(eos["reference"]),
+        "truncated_rate_policy": mean(truncated["policy"]),
+        "truncated_rate_reference": mean(truncated["reference"]),
         "samples": [{"prompt": p[-1]["content"], "policy": a, "reference": b, "reward_policy": float(x),
                      "reward_reference": float(y)}
                     for p, a, b, x, y in list(zip(prompts, rows["policy"], rows["reference"], r_pol, r_ref))
-                    [:cfg.num_samples]],
+                    [::k][:cfg.num_samples]],
         "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward.spec,
     }
     return report
@@ -155,11 +170,12 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"# Policy evaluation: `{r['policy']}` vs `{r['reference']}`", "",
-             f"Judged by `{r['reward']}` on {r['n_prompts']} prompts.", "",
+             f"Judged by `{r['reward']}` on {r['n_prompts']} prompts x {r['samples_per_prompt']} samples.", "",
              "| metric | policy | reference |", "|---|---|---|",
              f"| mean reward | {r['reward_policy']:.4f} | {r['reward_reference']:.4f} |",
              f"| response length (tokens) | {r['length_policy']:.2f} | {r['length_reference']:.2f} |",
-             f"| EOS rate | {r['eos_rate_policy']:.2f} | {r['eos_rate_reference']:.2f} |", "",
+             f"| EOS rate | {r['eos_rate_policy']:.2f} | {r['eos_rate_reference']:.2f} |",
+             f"| truncated rate | {r['truncated_rate_policy']:.2f} | {r['truncated_rate_reference']:.2f} |", "",
              f"**Win rate of the policy: {r['win_rate']:.3f}** (± {r['win_rate_stderr'] or 0:.3f} s.e.; ties count "
              f"half). KL(policy ‖ reference) on the policy's samples: {r['kl_policy_reference']:.4f} nats.", "",
              "| prompt | policy | reward | reference | reward |", "|---|---|---|---|---|"]
@@ -176,6 +192,10 @@ def main(cfg: EvalPolicyConfig, reward=None) -> dict:
     out.write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+    for name in ("policy", "reference"):
+        if report[f"truncated_rate_{name}"] > 0.2:
+            print(f"warning: {report[f'truncated_rate_{name}']:.0%} of the {name}'s responses hit "
+                  f"--max_new_tokens {cfg.max_new_tokens} without EOS; raise --max_new_tokens")
     print(f"written: {out} and {out.with_suffix('.md')}")
     run = tracking.start(cfg.tracking, {"eval_policy": {k: v for k, v in report.items() if k != "samples"}},
                          str(out.parent))

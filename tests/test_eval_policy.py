@@ -1,4 +1,5 @@
-"""`rlhf eval policy`: self-consistency (a policy against itself) and a PPO-trained policy winning."""
+"""`rlhf eval policy`: self-consistency (a policy against itself), several samples per prompt, the
+truncation rate, and a PPO-trained policy winning."""
 
 import json
 
@@ -8,6 +9,18 @@ from conftest import REPO
 from rewards import DigitReward
 from rlhf import cli, config, eval_policy, ppo
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+
+class RecordingReward(DigitReward):
+    """DigitReward that keeps every (prompt, response) it scores."""
+
+    def __init__(self):
+        self.prompts, self.responses = [], []
+
+    def score(self, prompts, responses, normalize=False):
+        self.prompts += prompts
+        self.responses += responses
+        return super().score(prompts, responses)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -24,6 +37,36 @@ def test_policy_against_itself(tmp_path, sft_policy, capsys):  # noqa: F811
     assert r["reward_policy"] == r["reward_reference"]
     assert (tmp_path / "e.md").read_text().startswith("# Policy evaluation")
     assert "Win rate of the policy: 0.500" in capsys.readouterr().out
+
+
+def test_samples_per_prompt(tmp_path, sft_policy):  # noqa: F811
+    reward = RecordingReward()
+    cfg = config.parse(eval_policy.EvalPolicyConfig, [
+        "--policy", sft_policy, "--reference", sft_policy, "--prompts.max_samples", "10", "--samples_per_prompt", "3",
+        "--max_new_tokens", "8", "--temperature", "1.0", "--output", str(tmp_path / "e.json")], "t")
+    r = eval_policy.main(cfg, reward=reward)
+    assert (r["n_prompts"], r["samples_per_prompt"], r["n_samples"]) == (10, 3, 30)
+    assert len(reward.responses) == 2 * 30  # policy's and reference's samples, each scored once
+    prompts = ppo.load_prompts(cfg.prompts)
+    assert reward.prompts[:30] == reward.prompts[30:] == [p for p in prompts for _ in range(3)]
+    assert any(len(set(reward.responses[i:i + 3])) > 1 for i in range(0, 30, 3))  # K samples, not K copies
+    assert r["win_rate"] == 0.5  # still the same model and seed: every pair is a tie
+    assert r["kl_policy_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert r["reward_policy"] == pytest.approx(sum(DigitReward().score(None, reward.responses[:30]).tolist()) / 30)
+    assert len({s["prompt"] for s in r["samples"]}) == len(r["samples"])  # the table shows distinct prompts
+
+
+def test_truncated_rate_and_warning(tmp_path, sft_policy, capsys):  # noqa: F811
+    cfg = config.parse(eval_policy.EvalPolicyConfig, [
+        "--policy", sft_policy, "--reference", sft_policy, "--prompts.max_samples", "12", "--max_new_tokens", "2",
+        "--output", str(tmp_path / "e.json")], "t")
+    assert eval_policy.EvalPolicyConfig().max_new_tokens == 64
+    r = eval_policy.main(cfg, reward=DigitReward())
+    # With 2 new tokens, a response without EOS ran into the limit: truncated == 1 - EOS rate.
+    assert r["truncated_rate_policy"] == pytest.approx(1 - r["eos_rate_policy"])
+    assert r["truncated_rate_policy"] > 0.2
+    out = capsys.readouterr().out
+    assert "of the policy's responses hit --max_new_tokens 2 without EOS; raise --max_new_tokens" in out
 
 
 def test_ppo_policy_beats_its_reference(tmp_path, sft_policy):  # noqa: F811

@@ -1,0 +1,134 @@
+"""`rlhf generate`: sample a model on prompts and write the responses as JSON Lines, to look at a model.
+
+    rlhf generate --model runs/quickstart/ppo/policy --prompts.train builtin:quickstart_prompts \
+        --samples_per_prompt 4 --output samples.jsonl [--reward.spec reward.examples:exact_answer]
+
+One row per response: {"prompt": [messages], "response": text, "sample": k, "length": tokens, "eos": bool}
+(+ "reward" when --reward.spec is given); the samples of one prompt are consecutive rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rlhf.errors import UserError
+from rlhf.eval_policy import decode, load_lm, sample
+from rlhf.ppo import PromptDataConfig, RewardSpec, load_prompts
+
+
+@dataclass
+class GenerateConfig:
+    """Sample a model on prompts and write the responses as JSONL (`rlhf generate`)."""
+
+    model: str = "runs/quickstart/sft"
+    """A model directory, a peft adapter directory, a merged model, or a hub id."""
+    prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=16))
+    output: Optional[str] = None
+    """JSONL file to write; default: MODEL/generations.jsonl (./generations.jsonl for a hub id)."""
+    max_new_tokens: int = 64
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt."""
+    batch_size: int = 16
+    """Sequences generated per batch."""
+    max_prompt_length: int = 256
+    """Prompts are cut to their last N tokens."""
+    seed: int = 0
+    """Sampling seed."""
+    reward: RewardSpec = field(default_factory=lambda: RewardSpec(spec=""))
+    """Optional: score every response (adds a `reward` field); empty spec: no reward."""
+
+
+def check(cfg: GenerateConfig) -> None:
+    """Refuse bad options before anything is loaded."""
+    from policies.models import ModelLoadError, _check_exists
+
+    for name in ("samples_per_prompt", "max_new_tokens", "batch_size", "max_prompt_length"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} expects a positive integer, got {getattr(cfg, name)}")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature expects a value >= 0 (0: greedy), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top_p expects a value in (0, 1], got {cfg.top_p}")
+    try:
+        _check_exists(cfg.model)
+    except ModelLoadError:
+        raise UserError(f"--model '{cfg.model}' does not exist (expected a model or adapter directory, "
+                        "or a hub id)") from None
+
+
+def output_path(cfg: GenerateConfig) -> Path:
+    if cfg.output:
+        return Path(cfg.output)
+    return Path(cfg.model) / "generations.jsonl" if Path(cfg.model).is_dir() else Path("generations.jsonl")
+
+
+def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
+    """The rows: each prompt's `samples_per_prompt` responses, consecutive."""
+    from transformers import AutoTokenizer
+
+    check(cfg)
+    try:
+        prompts = load_prompts(cfg.prompts)
+    except UserError as e:
+        raise UserError(f"--prompts.train: {e}") from None
+    if reward is None and cfg.reward.spec:
+        from reward.interface import load_reward
+
+        reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
+                             batch_size=cfg.reward.batch_size)
+    model = load_lm(cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(f"--model: the tokenizer of '{cfg.model}' needs a PAD token distinct from EOS")
+
+    k = cfg.samples_per_prompt
+    repeated = [p for p in prompts for _ in range(k)]  # N*K, each prompt's samples consecutive
+    texts, lengths, eos = [], [], []
+    for _, _, responses, rmask in sample(model, tokenizer, repeated, cfg, cfg.seed):  # (B, A) each
+        texts += decode(tokenizer, responses, rmask)
+        lengths += rmask.sum(-1).tolist()
+        eos += (responses == tokenizer.eos_token_id).any(-1).tolist()
+    rows = [{"prompt": p, "response": t, "sample": i % k, "length": n, "eos": e}
+            for i, (p, t, n, e) in enumerate(zip(repeated, texts, lengths, eos))]
+    if reward is not None:
+        for row, r in zip(rows, reward.score(repeated, texts).tolist()):
+            row["reward"] = r
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Atomically: a reader (or a failed run) never leaves half a file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(cfg: GenerateConfig, reward=None) -> list[dict]:
+    rows = generate(cfg, reward)
+    out = output_path(cfg)
+    write_jsonl(rows, out)
+    n = len(rows)
+    summary = (f"{n} responses ({n // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt}): "
+               f"mean length {sum(r['length'] for r in rows) / n:.1f} tokens, "
+               f"EOS rate {sum(r['eos'] for r in rows) / n:.2f}")
+    if "reward" in rows[0]:
+        summary += f", mean reward {sum(r['reward'] for r in rows) / n:.4f}"
+    print(f"{summary}\nwritten: {out}")
+    return rows
