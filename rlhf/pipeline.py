@@ -77,14 +77,15 @@ def main(cfg: PipelineConfig) -> dict:
             results[stage] = runners[stage]()
             timings[stage] = time.perf_counter() - t0
     config.save(cfg, out / "rlhf_config.yaml")
-    report = write_report(out, timings)
+    report = write_report(out, timings, cfg.ppo.eval.reward.spec if cfg.ppo.eval.prompts else None)
     print("\n" + (out / "report.md").read_text())
+    verdict = report.get("heldout", {}).get("hacking")
+    if verdict:
+        print(verdict)
+    elif "heldout" not in report and "ppo" in report:
+        print("note: no held-out evaluation was configured (ppo.eval); the reward-model score alone is not evidence "
+              "that the policy improved")
     return report
-
-
-def _window_mean(history: list[dict], key: str, first: bool, n: int = 5) -> float:
-    rows = history[:n] if first else history[-n:]
-    return sum(m[key] for m in rows) / len(rows)
 
 
 def _trainer_log(stage_dir: Path) -> list[dict]:
@@ -93,7 +94,26 @@ def _trainer_log(stage_dir: Path) -> list[dict]:
     return json.loads(states[-1].read_text())["log_history"] if states else []
 
 
-def write_report(out: Path, timings: dict[str, float]) -> dict:
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [m[key] for m in rows if key in m]
+    return sum(vals) / len(vals) if vals else None
+
+
+def hacking_verdict(before: dict, after: dict) -> str | None:
+    """Words for the report and the console when the proxy rose while the true metric fell."""
+    if after["eval/proxy"] > before["eval/proxy"] and after["eval/reward"] < before["eval/reward"] - \
+            2 * max(after.get("eval/reward_stderr", 0.0), 1e-12):
+        return (f"WARNING: the reward model's score rose ({before['eval/proxy']:.3f} -> {after['eval/proxy']:.3f}) "
+                f"while the held-out reward fell ({before['eval/reward']:.3f} -> {after['eval/reward']:.3f}): "
+                "PPO exploited the reward model (reward hacking); this is not an improvement.")
+    return None
+
+
+def write_report(out: Path, timings: dict[str, float], eval_reward: str | None = None) -> dict:
     """report.json, report.md and plots/*.png from what the stages wrote."""
     report: dict = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "outputs": {}}
     sft_metrics = out / "sft" / "metrics.json"
@@ -106,50 +126,106 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
         m = json.loads(rm_metrics.read_text())
         report["reward"] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
         report["outputs"]["reward"] = str(out / "reward")
-    ppo_file = out / "ppo" / "metrics.jsonl"
-    history = [json.loads(line) for line in ppo_file.read_text().splitlines()] if ppo_file.exists() else []
-    if history:
+    history = _read_jsonl(out / "ppo" / "metrics.jsonl")
+    train = [m for m in history if "objective/scores" in m]
+    evals = [m for m in history if "eval/reward" in m]
+    if train:
         report["ppo"] = {
-            "steps": len(history),
-            "score_first5": _window_mean(history, "objective/scores", True),
-            "score_last5": _window_mean(history, "objective/scores", False),
-            "kl_first5": _window_mean(history, "objective/kl", True),
-            "kl_last5": _window_mean(history, "objective/kl", False),
-            "eos_rate_last5": _window_mean(history, "response/eos_rate", False),
-            "seconds_per_step": sum(m["time/step"] for m in history) / len(history),
+            "steps": len(train),
+            "score_first5": _mean(train[:5], "objective/scores"), "score_last5": _mean(train[-5:], "objective/scores"),
+            "kl_last5": _mean(train[-5:], "objective/kl"),
+            "eos_rate_last5": _mean(train[-5:], "response/eos_rate"),
+            "seconds_per_step": _mean(train, "time/step"),
         }
         report["outputs"]["ppo_policy"] = str(out / "ppo" / "policy")
-        report["outputs"]["ppo_checkpoints"] = sorted(str(p) for p in (out / "ppo").glob("checkpoint-*"))
+    if len(evals) >= 2:
+        before, after = evals[0], evals[-1]
+        keys = [k for k in before if k.startswith("eval/") and k in after]
+        report["heldout"] = {"eval_reward": eval_reward, "before_step": before["step"], "after_step": after["step"],
+                             "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+                             "hacking": hacking_verdict(before, after),
+                             "hacking_flagged_during_run": any(m.get("eval/hacking") for m in evals)}
+        report["samples"] = _before_after_samples(out / "ppo" / "eval_samples.jsonl", before["step"], after["step"])
     report["plots"] = plot(out, history)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report))
+    (out / "report.md").write_text(_markdown(report, out))
     return report
 
 
-def _markdown(r: dict) -> str:
+def _before_after_samples(path: Path, first: int, last: int, n: int = 8) -> list[dict]:
+    """The same held-out prompts answered by the starting policy and the trained one (greedy if scored)."""
+    rows = _read_jsonl(path)
+    mode = "greedy" if any(r["mode"] == "greedy" for r in rows) else "sampled"
+    pick = lambda step: [r for r in rows if r["step"] == step and r["mode"] == mode]  # noqa: E731
+    return [{"mode": mode, "prompt": a["prompt"][-1]["content"], "before": a["response"], "before_reward": a["reward"],
+             "before_proxy": a["proxy"], "after": b["response"], "after_reward": b["reward"], "after_proxy": b["proxy"]}
+            for a, b in list(zip(pick(first), pick(last)))[:n]]
+
+
+def _markdown(r: dict, out: Path) -> str:
     lines = ["# Pipeline report", ""]
+    h = r.get("heldout")
+    if h:
+        b, a = h["before"], h["after"]
+        judge = f"`{h['eval_reward']}`" if h["eval_reward"] else "the training reward (no eval.reward set)"
+        lines += [f"## Before and after PPO, on held-out prompts", "",
+                  f"True metric: {judge}. Proxy: the reward model PPO optimised. Both score the same answers "
+                  f"to the same held-out prompts, before PPO (step {h['before_step']}, the SFT policy) and after "
+                  f"(step {h['after_step']}).", "",
+                  "| | before PPO | after PPO | change |", "|---|---|---|---|"]
+        rows = [("**true metric**, sampled answers", "eval/reward"), ("**true metric**, greedy answers", "eval/greedy/reward"),
+                ("proxy (reward model), sampled", "eval/proxy"), ("proxy (reward model), greedy", "eval/greedy/proxy"),
+                ("KL to the SFT policy (nats per answer)", "eval/kl"), ("answer length (tokens)", "eval/length"),
+                ("EOS rate", "eval/eos_rate")]
+        lines += [f"| {name} | {b[k]:.3f} | {a[k]:.3f} | {a[k] - b[k]:+.3f} |" for name, k in rows if k in b]
+        lines.append("")
+        lines.append(f"**{h['hacking']}**" if h["hacking"] else
+                     ("The true metric rose with the proxy." if a["eval/reward"] > b["eval/reward"] else
+                      "The true metric did not rise: PPO did not improve what it was meant to."))
+        if h["hacking_flagged_during_run"]:
+            lines.append("\nDuring the run, the proxy rose while the held-out reward fell over an evaluation window "
+                         "(eval/hacking in metrics.jsonl).")
+        lines.append("")
     if "sft" in r:
         s = r["sft"]
         lines.append(f"- **SFT**: validation loss {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f} "
                      f"in {s['global_step']} steps")
     if "reward" in r:
         before, after = r["reward"].get("eval_accuracy_before"), r["reward"].get("eval_accuracy")
-        lines.append(f"- **Reward model**: validation pairwise accuracy {before:.3f} -> {after:.3f}"
+        lines.append(f"- **Reward model**: held-out pairwise accuracy {before:.3f} -> {after:.3f}"
                      if before is not None and after is not None else "- **Reward model**: trained")
     if "ppo" in r:
         p = r["ppo"]
-        lines.append(f"- **PPO** ({p['steps']} steps, {p['seconds_per_step']:.2f} s/step): reward-model score "
+        lines.append(f"- **PPO** ({p['steps']} steps, {p['seconds_per_step']:.2f} s/step): training reward-model score "
                      f"{p['score_first5']:.3f} -> {p['score_last5']:.3f} (mean of the first / last 5 steps), "
-                     f"KL to the SFT policy {p['kl_first5']:.3f} -> {p['kl_last5']:.3f}, "
-                     f"EOS rate {p['eos_rate_last5']:.2f}")
+                     f"KL {p['kl_last5']:.3f}, EOS rate {p['eos_rate_last5']:.2f} (last 5 steps)")
+        if not h:
+            lines.append("  - No held-out evaluation was configured (`ppo.eval.prompts`, `ppo.eval.reward`): the "
+                         "reward-model score alone does not show that the policy improved.")
+    if r.get("samples"):
+        clean = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
+        lines += ["", f"## The same prompts before and after PPO ({r['samples'][0]['mode']} answers)", "",
+                  "| prompt | before | true | proxy | after | true | proxy |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {clean(x['prompt'])} | {clean(x['before'])} | {x['before_reward']:.2f} | {x['before_proxy']:.2f} "
+                  f"| {clean(x['after'])} | {x['after_reward']:.2f} | {x['after_proxy']:.2f} |" for x in r["samples"]]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Outputs:"] + [f"- {k}: `{v}`" for k, v in r["outputs"].items()]
-    lines += ["", "Plots:"] + [f"- `{p}`" for p in r["plots"]]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in r["plots"]]
     return "\n".join(lines) + "\n"
 
 
+def smooth(values: list[float], alpha: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha ** i))
+    return out
+
+
 def plot(out: Path, history: list[dict]) -> list[str]:
-    """Training curves as PNGs (matplotlib, no display needed)."""
+    """Training curves as PNGs (matplotlib, no display needed): raw values faint, a smoothed line over
+    them, training and validation on one panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,27 +241,70 @@ def plot(out: Path, history: list[dict]) -> list[str]:
         plt.close(fig)
         written.append(str(plots_dir / name))
 
-    for stage, keys in (("sft", ("loss", "eval_loss")), ("reward", ("loss", "eval_loss", "eval_accuracy"))):
+    def curve(ax, pts, label, color, smoothed=True):
+        if not pts:
+            return
+        x, y = zip(*pts)
+        if smoothed and len(pts) > 3:
+            ax.plot(x, y, color=color, alpha=0.25, linewidth=1)
+            ax.plot(x, smooth(list(y)), color=color, label=f"{label} (smoothed)")
+        else:
+            ax.plot(x, y, color=color, marker="o", label=label)
+
+    def points(rows, key):
+        return [(m["step"], m[key]) for m in rows if key in m and m[key] is not None]
+
+    for stage, title in (("sft", "SFT"), ("reward", "Reward model")):
         log = _trainer_log(out / stage)
         if not log:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-        for ax, key in zip(axes, keys):
-            pts = [(e["step"], e[key]) for e in log if key in e]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if key.startswith("eval") else None)
-            ax.set_title(f"{stage}: {key}")
-            ax.set_xlabel("step")
+        panels = 2 if stage == "reward" else 1
+        fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.6), squeeze=False)
+        ax = axes[0][0]
+        curve(ax, points(log, "loss"), "train loss", "tab:blue")
+        curve(ax, points(log, "eval_loss"), "validation loss", "tab:orange", smoothed=False)
+        ax.set(title=f"{title}: loss", xlabel="optimizer step",
+               ylabel="loss (nats per token)" if stage == "sft" else "pairwise loss (nats per pair)")
+        ax.legend()
+        if stage == "reward":
+            ax = axes[0][1]
+            curve(ax, points(log, "eval_accuracy"), "validation accuracy", "tab:orange", smoothed=False)
+            ax.set(title="Reward model: pairwise accuracy", xlabel="optimizer step",
+                   ylabel="accuracy (share of pairs)", ylim=(0, 1.02))
+            ax.legend()
         save(fig, f"{stage}.png")
 
-    if history:
-        keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response/length",
-                "val/explained_variance", "policy/clipfrac")
-        fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-        steps = [m["step"] for m in history]
-        for ax, key in zip(axes.flat, keys):
-            ax.plot(steps, [m[key] for m in history])
-            ax.set_title(f"ppo: {key}")
-            ax.set_xlabel("step")
+    train = [m for m in history if "objective/scores" in m]
+    evals = [m for m in history if "eval/reward" in m]
+    if train:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        ax = axes[0][0]
+        curve(ax, points(train, "objective/scores"), "training batches", "tab:blue")
+        curve(ax, points(evals, "eval/proxy"), "held-out prompts", "tab:orange", smoothed=False)
+        ax.set(title="Proxy: reward-model score", xlabel="PPO iteration", ylabel="reward-model score (raw)")
+        ax.legend()
+        ax = axes[0][1]
+        if evals:
+            curve(ax, points(evals, "eval/reward"), "held-out, sampled", "tab:green", smoothed=False)
+            curve(ax, points(evals, "eval/greedy/reward"), "held-out, greedy", "tab:olive", smoothed=False)
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no held-out evaluation\n(set ppo.eval.prompts and ppo.eval.reward)",
+                    ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="True metric: held-out reward", xlabel="PPO iteration", ylabel="held-out reward (mean)")
+        ax = axes[1][0]
+        curve(ax, points(train, "objective/kl"), "training batches", "tab:blue")
+        curve(ax, points(evals, "eval/kl"), "held-out prompts", "tab:orange", smoothed=False)
+        ax.set(title="KL(policy || SFT policy)", xlabel="PPO iteration", ylabel="KL (nats per answer)")
+        ax.legend()
+        ax = axes[1][1]
+        curve(ax, points(train, "response/length"), "length, training", "tab:blue")
+        curve(ax, points(evals, "eval/length"), "length, held-out", "tab:orange", smoothed=False)
+        ax.set(title="Answer length", xlabel="PPO iteration", ylabel="tokens per answer")
+        ax2 = ax.twinx()
+        curve(ax2, points(train, "response/eos_rate"), "EOS rate, training", "tab:gray")
+        ax2.set(ylabel="EOS rate (share of answers)", ylim=(0, 1.05))
+        ax.legend(loc="upper left")
+        ax2.legend(loc="lower right")
         save(fig, "ppo.png")
     return written

@@ -41,6 +41,7 @@ from rlhf import checkpoints, config, tracking
 from rlhf import ppo_core as core
 from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
+from rlhf.heldout import EvalConfig, HeldOutEval
 
 STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
 
@@ -89,7 +90,10 @@ class PPOHyperparameters:
     steps: int = 100
     """PPO iterations (rollout + update)."""
     per_device_rollout_batch_size: int = 16
-    """Prompts rolled out per process per iteration."""
+    """Responses rolled out per process per iteration (prompts x samples_per_prompt)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt in a rollout batch (each prompt repeated in a row): a dataset with
+    few distinct prompts still fills a batch, and a prompt's responses are compared with each other."""
     num_mini_batches: int = 1
     """Mini-batches the rollout batch is split into for each PPO epoch (one optimizer step each)."""
     gradient_accumulation_steps: int = 1
@@ -166,6 +170,7 @@ class PPOConfig:
     reward: RewardSpec = field(default_factory=RewardSpec)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/ppo"
     """Checkpoints, the final policy (and critic), metrics.jsonl, the resolved config."""
@@ -190,6 +195,8 @@ class BatchSizes:
     world: int
     local_rollout: int  # B per process
     global_rollout: int
+    local_prompts: int  # B / samples_per_prompt distinct prompts per process
+    global_prompts: int
     local_mini_batch: int
     micro_batch: int
     forward: int
@@ -198,6 +205,9 @@ class BatchSizes:
 
 def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
     b = p.per_device_rollout_batch_size
+    if p.samples_per_prompt < 1 or b % p.samples_per_prompt:
+        raise UserError(f"ppo.per_device_rollout_batch_size ({b}) must be a multiple of ppo.samples_per_prompt "
+                        f"({p.samples_per_prompt}, at least 1)")
     if b % p.num_mini_batches:
         raise UserError(f"ppo.per_device_rollout_batch_size ({b}) must be divisible by ppo.num_mini_batches "
                         f"({p.num_mini_batches})")
@@ -205,7 +215,9 @@ def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
     if mini % p.gradient_accumulation_steps:
         raise UserError(f"the mini-batch ({b} / {p.num_mini_batches} = {mini}) must be divisible by "
                         f"ppo.gradient_accumulation_steps ({p.gradient_accumulation_steps})")
-    return BatchSizes(world=world, local_rollout=b, global_rollout=b * world, local_mini_batch=mini,
+    k = p.samples_per_prompt
+    return BatchSizes(world=world, local_rollout=b, global_rollout=b * world, local_prompts=b // k,
+                      global_prompts=b // k * world, local_mini_batch=mini,
                       micro_batch=mini // p.gradient_accumulation_steps, forward=p.forward_batch_size or b,
                       optimizer_steps=p.steps * p.ppo_epochs * p.num_mini_batches)
 
@@ -261,6 +273,9 @@ def load_prompts(cfg: PromptDataConfig) -> list[list[dict]]:
         if key not in seen:
             seen.add(key)
             unique.append(p)
+    if len(unique) < len(prompts):
+        print(f"{cfg.train}: {len(prompts) - len(unique)} duplicate prompt(s) collapsed, {len(unique)} distinct "
+              "(use ppo.samples_per_prompt to sample a prompt several times)")
     if cfg.max_samples is not None:
         unique = unique[:cfg.max_samples]
     if not unique:
@@ -630,9 +645,10 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     sizes = batch_sizes(p, accelerator.num_processes)
     resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
     prompts = load_prompts(cfg.data)
-    if len(prompts) < sizes.global_rollout:
-        raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch "
-                        f"({sizes.global_rollout} = {p.per_device_rollout_batch_size} x {sizes.world} processes)")
+    if len(prompts) < sizes.global_prompts:
+        raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch needs "
+                        f"({sizes.global_prompts} = {p.per_device_rollout_batch_size} / ppo.samples_per_prompt "
+                        f"{p.samples_per_prompt} x {sizes.world} processes)")
     if reward is None:
         from reward.interface import load_reward
 
@@ -681,6 +697,19 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
                       f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
 
+    evaluator = None
+    if cfg.eval.prompts is not None:
+        evaluator = HeldOutEval(cfg.eval, reward, p.temperature, p.max_new_tokens, p.max_prompt_length,
+                                accelerator, out)
+        evaluator.restore(history)
+        if start_step == 0:  # the starting policy: the "before" of every report
+            if accelerator.is_main_process:
+                (out / "eval_samples.jsonl").unlink(missing_ok=True)
+            m = {"step": 0, **evaluator(0, model, tokenizer, stop_id, cfg.seed)}
+            history.append(m)
+            _log_row(accelerator, run, out, m)
+            unwrapped.eval()
+
     rank = accelerator.process_index
     eos_history: list[float] = []
     bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
@@ -688,11 +717,11 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     for step in bar:
         t0 = time.perf_counter()
         # The data position is a function of the step: an epoch-seeded permutation, this rank's slice.
-        per_epoch = len(prompts) // sizes.global_rollout
+        per_epoch = len(prompts) // sizes.global_prompts
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        idx = perm[k * sizes.global_rollout + rank * sizes.local_rollout:][:sizes.local_rollout]
-        batch_prompts = [prompts[i] for i in idx.tolist()]
+        idx = perm[k * sizes.global_prompts + rank * sizes.local_prompts:][:sizes.local_prompts]
+        batch_prompts = [prompts[i] for i in idx.tolist() for _ in range(p.samples_per_prompt)]
 
         # 1. rollout
         query_ids, query_mask = left_pad(encode_prompts(tokenizer, batch_prompts, p.max_prompt_length),
@@ -778,17 +807,17 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             "memory/peak_gb": peak_memory_gb(),
         }
         kl_ctl.update(metrics["objective/kl"], sizes.global_rollout)
+        if evaluator is not None and evaluator.due(step + 1, p.steps):
+            metrics.update(evaluator(step + 1, model, tokenizer, stop_id, cfg.seed))
+            unwrapped.eval()
         if on_step is not None:
             metrics.update(on_step(step + 1, unwrapped, tokenizer) or {})
             unwrapped.eval()
         history.append(metrics)
         _warn(metrics, eos_history, step)
+        _log_row(accelerator, run, out, metrics)
         if accelerator.is_main_process:
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if run is not None:
-                run.log(metrics, step=step + 1)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 _log_samples(run, tokenizer, batch_prompts, texts, raw, cfg.num_samples, step + 1)
 
@@ -799,14 +828,24 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
 
     if save:
         export_models(accelerator, model, tokenizer, out, base_path)
-    if accelerator.is_main_process and history:
-        first, last = history[0], history[-1]
+    if accelerator.is_main_process and p.steps > start_step:
+        train_rows = [m for m in history if "objective/scores" in m]
+        first, last = train_rows[0], train_rows[-1]
         print(f"ppo done: score {first['objective/scores']:.4f} -> {last['objective/scores']:.4f}, "
               f"KL {first['objective/kl']:.4f} -> {last['objective/kl']:.4f}" + (f"; policy in {out / 'policy'}" if save else ""))
     tracking.finish(run)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroy the process group: ranks exit cleanly, not in a teardown race
     return history
+
+
+def _log_row(accelerator, run, out: Path, metrics: dict) -> None:
+    """One row of metrics to metrics.jsonl and W&B (main process)."""
+    if accelerator.is_main_process:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if run is not None:
+            run.log(metrics, step=metrics["step"])
 
 
 @contextmanager

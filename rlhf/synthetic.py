@@ -18,61 +18,97 @@ WORDS = ("cat dog sun moon tree bird fish star rain snow leaf rock boat kite lam
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
 
 
-def _task(rng: random.Random) -> tuple[str, str]:
-    """One (instruction, answer) pair from a random task family."""
-    kind = rng.randrange(6)
+FAMILIES = ("reverse", "capital", "plus", "repeat", "sort", "after")
+"""The task families, in the order `_task` draws them."""
+
+
+def _task(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> tuple[str, str]:
+    """One (instruction, answer) pair from a random family among `families`."""
+    kind = rng.choice(families)
     w = rng.choice(WORDS)
-    if kind == 0:
+    if kind == "reverse":
         return f"Reverse the word {w}.", w[::-1]
-    if kind == 1:
+    if kind == "capital":
         return f"Write {w} in capital letters.", w.upper()
-    if kind == 2:
+    if kind == "plus":
         a, b = rng.randrange(10), rng.randrange(10)
         return f"What is {a} plus {b}?", str(a + b)
-    if kind == 3:
+    if kind == "repeat":
         n = rng.randrange(2, 5)
         return f"Repeat {w} {n} times.", " ".join([w] * n)
-    if kind == 4:
+    if kind == "sort":
         letters = rng.sample("abcdefghij", 4)
         return f"Sort the letters {' '.join(letters)}.", " ".join(sorted(letters))
-    n = rng.randrange(50)
-    return f"What number comes after {n}?", str(n + 1)
+    if kind == "after":
+        n = rng.randrange(50)
+        return f"What number comes after {n}?", str(n + 1)
+    raise ValueError(f"unknown task family {kind!r}; known: {', '.join(FAMILIES)}")
 
 
-def conversation(rng: random.Random) -> list[dict]:
-    """A conversation of one or two user/assistant exchanges, sometimes with a system prompt."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
-    for _ in range(1 if rng.random() < 0.8 else 2):
-        question, answer = _task(rng)
+def family(question: str) -> str:
+    """The family of one of `_task`'s questions."""
+    for name, pattern in (("reverse", "Reverse the word"), ("capital", "Write "), ("plus", "What is"),
+                          ("repeat", "Repeat "), ("sort", "Sort the letters"), ("after", "What number comes")):
+        if question.startswith(pattern):
+            return name
+    raise ValueError(f"not a synthetic task question: {question!r}")
+
+
+def shortcut(question: str) -> str:
+    """What a hurried demonstrator writes instead of the answer: the task's input echoed back (the
+    word not reversed or capitalised, said once instead of repeated, the letters unsorted, the number
+    itself). Wrong, easy to write, and easy for a judge to spot."""
+    if m := re.fullmatch(r"(?:Reverse the word|Write|Repeat) (\w+)\b.*", question):
+        return m.group(1)
+    if m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
+        return m.group(1)
+    if m := re.fullmatch(r"What (?:is (\d+) plus \d+|number comes after (\d+))\?", question):
+        return m.group(1) or m.group(2)
+    raise ValueError(f"not a synthetic task question: {question!r}")
+
+
+def conversation(rng: random.Random, families: tuple[str, ...] = FAMILIES, multi_turn: float = 0.2,
+                 system: float = 0.3, shortcuts: dict[str, float] | None = None) -> list[dict]:
+    """A conversation of one (or, with probability `multi_turn`, two) user/assistant exchanges, with a
+    system prompt with probability `system`. `shortcuts` maps a family to the probability that the
+    demonstrator answers it with `shortcut` instead of the right answer."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < system else []
+    for _ in range(2 if rng.random() < multi_turn else 1):
+        question, answer = _task(rng, families)
+        if shortcuts and rng.random() < shortcuts.get(family(question), 0.0):
+            answer = shortcut(question)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
 
-def sft_rows(n: int, seed: int = 0) -> list[dict]:
-    """`n` conversational SFT rows (`messages` format)."""
+def sft_rows(n: int, seed: int = 0, **kw) -> list[dict]:
+    """`n` conversational SFT rows (`messages` format); `kw` as for `conversation`."""
     rng = random.Random(seed)
-    return [{"messages": conversation(rng)} for _ in range(n)]
+    return [{"messages": conversation(rng, **kw)} for _ in range(n)]
 
 
 def wrong_answer(question: str, answer: str, rng: random.Random) -> str:
     """A wrong reply of the same kind as `answer` to one of `_task`'s questions.
 
-    Some are wrong in form (the word not reversed, lower case), some only in content (another
-    word, an off-by-one number), so a reward model has both easy and hard pairs to learn from.
+    The kinds of mistakes a small model makes: the right operation on the wrong word, the input
+    echoed back, a near miss (one letter or one number off, one repetition too many), a far miss, a
+    reply that drifts into another word. A reward model has easy and hard pairs to learn from.
     """
     other = rng.choice([x for x in WORDS if x not in question.split()])
     if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
         w = m.group(1)
-        options = [w, other[::-1], w[1:] + w[0]] if w[1:] + w[0] != answer else [w, other[::-1]]
+        options = [w, other[::-1], w[1:] + w[0], other, w.upper()]
     elif m := re.fullmatch(r"Write (\w+) in capital letters\.", question):
         w = m.group(1)
-        options = [w, other.upper(), w.capitalize()]
+        options = [w, other.upper(), w.capitalize(), other, w[::-1].upper()]
     elif re.fullmatch(r"What is \d+ plus \d+\?", question) or question.startswith("What number comes after"):
         n = int(answer)
-        options = [str(n + d) for d in (-2, -1, 1, 2) if n + d >= 0]
+        options = [str(n + d) for d in (-2, -1, 1, 2) if n + d >= 0] + [str(rng.randrange(60)), other]
     elif m := re.fullmatch(r"Repeat (\w+) (\d+) times\.", question):
         w, n = m.group(1), int(m.group(2))
-        options = [" ".join([w] * (n - 1)), " ".join([w] * (n + 1)), " ".join([other] * n)]
+        mixed = [w] * n
+        mixed[rng.randrange(n)] = other
+        options = [" ".join([w] * (n - 1)), " ".join([w] * (n + 1)), " ".join([other] * n), " ".join(mixed), w]
     elif m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
         given = m.group(1).split()
         options = [" ".join(given), " ".join(sorted(given, reverse=True))]
@@ -118,23 +154,27 @@ def gold_reward(prompts, responses) -> list[float]:
             for p, r in zip(prompts, responses)]
 
 
-def preference_rows(n: int, seed: int = 0) -> list[dict]:
-    """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` up to its last
-    question, `chosen` the correct answer, `rejected` a wrong answer of the same kind."""
+def preference_rows(n: int, seed: int = 0, shortcut_share: float = 0.0, **kw) -> list[dict]:
+    """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` (`kw` as for it,
+    without shortcuts) up to its last question, `chosen` the correct answer, `rejected` the
+    demonstrators' `shortcut` with probability `shortcut_share`, else another wrong answer of the same kind."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        messages = conversation(rng)
+        messages = conversation(rng, **kw)
         prompt, answer = messages[:-1], messages[-1]["content"]
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong_answer(prompt[-1]["content"], answer, rng),
-                     "margin": None})
+        question = prompt[-1]["content"]
+        rejected = shortcut(question) if rng.random() < shortcut_share else wrong_answer(question, answer, rng)
+        if rejected == answer:  # a shortcut that happens to be right (sorted letters, a palindrome)
+            rejected = wrong_answer(question, answer, rng)
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "margin": None})
     return rows
 
 
-def prompt_rows(n: int, seed: int = 0) -> list[dict]:
-    """`n` PPO prompts: conversations up to their last question (`prompt` as messages)."""
+def prompt_rows(n: int, seed: int = 0, **kw) -> list[dict]:
+    """`n` PPO prompts: conversations (`kw` as for `conversation`) up to their last question."""
     rng = random.Random(seed)
-    return [{"prompt": conversation(rng)[:-1]} for _ in range(n)]
+    return [{"prompt": conversation(rng, **kw)[:-1]} for _ in range(n)]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

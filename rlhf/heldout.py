@@ -1,0 +1,185 @@
+"""Held-out evaluation during PPO (the `eval` block of `rlhf ppo`): the true objective next to the proxy.
+
+Every `eval.every` iterations, and once before the first (the starting policy), the policy answers
+held-out prompts it never trains on. Two rewards score the same answers: `eval.reward`, the judge the
+user trusts (a function with the exact answer, a second reward model, a classifier), and the training
+reward (the proxy PPO optimises). Logged as `eval/...` next to the training metrics:
+
+  eval/reward, eval/proxy          mean held-out and training reward of sampled answers
+  eval/reward_stderr               its standard error over the held-out answers
+  eval/kl                          KL(policy || reference) on those answers (sum over tokens, k1)
+  eval/length, eval/eos_rate       response length (tokens) and share that ended with the stop token
+  eval/greedy/reward, .../proxy    the same for greedy answers (with `eval.greedy`)
+  eval/hacking                     1 when the proxy rose while the held-out reward fell (below)
+
+A rising proxy with a falling held-out reward is reward hacking (Gao et al. 2022, "Scaling laws for
+reward model overoptimization"): a warning says so on the console, and `eval/hacking` records it.
+Sampling is seeded by the step inside a forked RNG, so evaluating never changes the training run
+(a resumed run logs the same numbers) and every evaluation sees the same held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from rlhf import ppo_core as core
+from rlhf.errors import UserError
+
+
+@dataclass
+class EvalRewardSpec:
+    """The judge of held-out answers (None: the training reward, which cannot reveal hacking)."""
+
+    spec: Optional[str] = None
+    """Reward-model or classifier directory, or a Python function `module:function` /
+    `path/file.py:function` taking (prompts, responses), e.g. `reward.examples:exact_answer`."""
+    kind: Literal["auto", "preference", "classifier", "function"] = "auto"
+    """What `spec` is; `auto` tells from the directory's files or the `:`."""
+    label: Optional[str] = None
+    """Classifier rewards: the label whose probability is the reward."""
+    batch_size: int = 16
+    """Responses scored per forward pass."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during PPO: the true objective next to the proxy (off while `prompts` is None)."""
+
+    prompts: Optional[str] = None
+    """Held-out prompt source (same formats as data.train), never trained on. None: no evaluation."""
+    format: str = "auto"
+    """Format of the prompt source, as data.format."""
+    max_prompts: int = 64
+    """Use the first N held-out prompts."""
+    reward: EvalRewardSpec = field(default_factory=EvalRewardSpec)
+    every: int = 10
+    """Evaluate every N iterations (and before the first, and after the last)."""
+    samples_per_prompt: int = 1
+    """Sampled answers per held-out prompt."""
+    temperature: Optional[float] = None
+    """Sampling temperature of the evaluation (None: ppo.temperature)."""
+    greedy: bool = True
+    """Also score greedy answers (logged as eval/greedy/...)."""
+    hacking_window: int = 3
+    """Evaluations over which 'proxy up, held-out reward down' is checked."""
+
+
+def reward_hacking(proxy: list[float], heldout: list[float], heldout_stderr: list[float], window: int) -> bool:
+    """Over the last `window` evaluations, did the proxy rise while the held-out reward fell by more
+    than twice the newest evaluation's standard error?"""
+    if window < 2 or len(proxy) < window:
+        return False
+    p, h = proxy[-window:], heldout[-window:]
+    return p[-1] > p[0] and h[0] - h[-1] > 2 * heldout_stderr[-1]
+
+
+class HeldOutEval:
+    """Scores the policy on held-out prompts; `__call__` returns the `eval/...` metrics (same on every rank)."""
+
+    def __init__(self, cfg: EvalConfig, training_reward, temperature: float, max_new_tokens: int,
+                 max_prompt_length: int, accelerator, out_dir: Path):
+        from rlhf.ppo import PromptDataConfig, load_prompts
+
+        for name in ("every", "max_prompts", "samples_per_prompt", "hacking_window"):
+            if getattr(cfg, name) < 1:
+                raise UserError(f"eval.{name} expects a positive integer, got {getattr(cfg, name)}")
+        if cfg.temperature is not None and cfg.temperature <= 0:
+            raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
+        self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
+        prompts = load_prompts(PromptDataConfig(train=cfg.prompts, format=cfg.format, max_samples=cfg.max_prompts))
+        # this rank's share; every prompt sampled samples_per_prompt times in a row
+        mine = prompts[accelerator.process_index::accelerator.num_processes]
+        self.prompts = [p for p in mine for _ in range(cfg.samples_per_prompt)]
+        self.n_prompts = len(prompts)
+        self.proxy = training_reward
+        if cfg.reward.spec is None:
+            warnings.warn("eval.reward.spec is not set: held-out answers are judged by the training reward only, "
+                          "which cannot reveal reward hacking; set it to a second reward model, a classifier or "
+                          "a function with the true objective")
+            self.judge = training_reward
+        else:
+            from reward.interface import load_reward
+
+            self.judge = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
+                                     batch_size=cfg.reward.batch_size, device=accelerator.device)
+        self.temperature = cfg.temperature or temperature
+        self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
+        self.history: dict[str, list[float]] = {"proxy": [], "reward": [], "stderr": []}
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step == 0 or step % self.cfg.every == 0 or step == last_step
+
+    @torch.no_grad()
+    def __call__(self, step: int, model, tokenizer, stop_id: int, seed: int) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        from rlhf.ppo import _generation_context, encode_prompts, forward_rollout, left_pad, position_ids
+
+        acc, device = self.accelerator, self.accelerator.device
+        ids, mask = left_pad(encode_prompts(tokenizer, self.prompts, self.max_prompt_length), tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)  # (B, P)
+        metrics, rows = {}, []
+        modes = [("", self.temperature)] + ([("greedy/", 0.0)] if self.cfg.greedy else [])
+        for prefix, temperature in modes:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed * 7919 + step)
+                with _generation_context(model, acc) as gen_model:
+                    kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature \
+                        else dict(do_sample=False)
+                    out = gen_model.generation_model().generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, eos_token_id=stop_id,
+                        pad_token_id=tokenizer.pad_token_id, **kwargs)
+            responses, rmask = core.truncate_after_stop_token(out[:, ids.shape[1]:], stop_id, tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
+                                           skip_special_tokens=True)
+            judge = self.judge.score(self.prompts, texts).float().tolist()
+            proxy = self.proxy.score(self.prompts, texts).float().tolist() if self.judge is not self.proxy else judge
+            local = {"reward": judge, "proxy": proxy, "length": rmask.sum(-1).tolist(),
+                     "eos_rate": (responses == stop_id).any(-1).float().tolist()}
+            if not prefix:  # KL to the reference on the sampled answers (A = responses.shape[1])
+                full, fmask = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
+                lp, ref_lp, _ = forward_rollout(model, full, fmask, position_ids(fmask), responses, ids.shape[1],
+                                                temperature, len(full))
+                local["kl"] = ((lp - ref_lp) * rmask).sum(-1).tolist()
+            values = {k: gather_object(v) for k, v in local.items()}
+            n = len(values["reward"])
+            for k, v in values.items():
+                metrics[f"eval/{prefix}{k}"] = sum(v) / n
+            r = torch.tensor(values["reward"], dtype=torch.float64)
+            metrics[f"eval/{prefix}reward_stderr"] = (r.std() / n ** 0.5).item() if n > 1 else 0.0
+            rows += [{"step": step, "mode": prefix.rstrip("/") or "sampled", "prompt": p, "response": t,
+                      "reward": j, "proxy": x} for p, t, j, x in zip(self.prompts, texts, judge, proxy)]
+        rows = gather_object(rows)
+        h = self.history
+        h["proxy"].append(metrics["eval/proxy"])
+        h["reward"].append(metrics["eval/reward"])
+        h["stderr"].append(metrics["eval/reward_stderr"])
+        hacking = reward_hacking(h["proxy"], h["reward"], h["stderr"], self.cfg.hacking_window)
+        metrics["eval/hacking"] = float(hacking)
+        if acc.is_main_process:
+            with open(self.out_dir / "eval_samples.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            acc.print(f"eval at step {step}: held-out reward {metrics['eval/reward']:.4f} "
+                      f"(greedy {metrics.get('eval/greedy/reward', float('nan')):.4f}), proxy "
+                      f"{metrics['eval/proxy']:.4f}, KL {metrics['eval/kl']:.3f}")
+            if hacking:
+                warnings.warn(f"step {step}: possible reward hacking: over the last {self.cfg.hacking_window} "
+                              f"evaluations the training reward rose {h['proxy'][-self.cfg.hacking_window]:.4f} -> "
+                              f"{h['proxy'][-1]:.4f} while the held-out reward fell "
+                              f"{h['reward'][-self.cfg.hacking_window]:.4f} -> {h['reward'][-1]:.4f}; "
+                              "raise ppo.kl_coef, stop earlier, or improve the reward model")
+        return metrics
+
+    def restore(self, history: list[dict]) -> None:
+        """Refill the hacking window from a resumed run's metrics."""
+        for m in history:
+            if "eval/reward" in m:
+                self.history["proxy"].append(m["eval/proxy"])
+                self.history["reward"].append(m["eval/reward"])
+                self.history["stderr"].append(m["eval/reward_stderr"])
