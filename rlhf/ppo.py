@@ -814,7 +814,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             metrics.update(on_step(step + 1, unwrapped, tokenizer) or {})
             unwrapped.eval()
         history.append(metrics)
-        _warn(metrics, eos_history, step)
+        _warn(metrics, eos_history, step, p.max_new_tokens)
         _log_row(accelerator, run, out, metrics)
         if accelerator.is_main_process:
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
@@ -863,7 +863,11 @@ def _generation_context(model, accelerator):
         yield unwrapped
 
 
-def _warn(m: dict, eos_history: list[float], step: int) -> None:
+def _warn(m: dict, eos_history: list[float], step: int, max_new_tokens: int) -> None:
+    if not eos_history and m["response/eos_rate"] < 0.5:
+        warnings.warn(f"step {step + 1}: only {m['response/eos_rate']:.0%} of the responses ended with the stop token "
+                      f"within ppo.max_new_tokens={max_new_tokens}: the rest are cut off and scored unfinished; "
+                      "raise ppo.max_new_tokens (or check ppo.stop_token)")
     if m["objective/kl"] < -0.01:
         warnings.warn(f"step {step + 1}: objective/kl is negative ({m['objective/kl']:.4f}): the k1 estimate is "
                       "only unbiased for sampled tokens; check that sampling and logprobs use the same temperature")

@@ -45,38 +45,13 @@ def _task(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> tuple[str
     raise ValueError(f"unknown task family {kind!r}; known: {', '.join(FAMILIES)}")
 
 
-def family(question: str) -> str:
-    """The family of one of `_task`'s questions."""
-    for name, pattern in (("reverse", "Reverse the word"), ("capital", "Write "), ("plus", "What is"),
-                          ("repeat", "Repeat "), ("sort", "Sort the letters"), ("after", "What number comes")):
-        if question.startswith(pattern):
-            return name
-    raise ValueError(f"not a synthetic task question: {question!r}")
-
-
-def shortcut(question: str) -> str:
-    """What a hurried demonstrator writes instead of the answer: the task's input echoed back (the
-    word not reversed or capitalised, said once instead of repeated, the letters unsorted, the number
-    itself). Wrong, easy to write, and easy for a judge to spot."""
-    if m := re.fullmatch(r"(?:Reverse the word|Write|Repeat) (\w+)\b.*", question):
-        return m.group(1)
-    if m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
-        return m.group(1)
-    if m := re.fullmatch(r"What (?:is (\d+) plus \d+|number comes after (\d+))\?", question):
-        return m.group(1) or m.group(2)
-    raise ValueError(f"not a synthetic task question: {question!r}")
-
-
 def conversation(rng: random.Random, families: tuple[str, ...] = FAMILIES, multi_turn: float = 0.2,
-                 system: float = 0.3, shortcuts: dict[str, float] | None = None) -> list[dict]:
-    """A conversation of one (or, with probability `multi_turn`, two) user/assistant exchanges, with a
-    system prompt with probability `system`. `shortcuts` maps a family to the probability that the
-    demonstrator answers it with `shortcut` instead of the right answer."""
+                 system: float = 0.3) -> list[dict]:
+    """A conversation of one (or, with probability `multi_turn`, two) user/assistant exchanges on tasks
+    of `families`, with a system prompt with probability `system`."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < system else []
     for _ in range(2 if rng.random() < multi_turn else 1):
         question, answer = _task(rng, families)
-        if shortcuts and rng.random() < shortcuts.get(family(question), 0.0):
-            answer = shortcut(question)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -154,20 +129,16 @@ def gold_reward(prompts, responses) -> list[float]:
             for p, r in zip(prompts, responses)]
 
 
-def preference_rows(n: int, seed: int = 0, shortcut_share: float = 0.0, **kw) -> list[dict]:
-    """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` (`kw` as for it,
-    without shortcuts) up to its last question, `chosen` the correct answer, `rejected` the
-    demonstrators' `shortcut` with probability `shortcut_share`, else another wrong answer of the same kind."""
+def preference_rows(n: int, seed: int = 0, **kw) -> list[dict]:
+    """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` (`kw` as for it)
+    up to its last question, `chosen` the correct answer, `rejected` a wrong answer of the same kind."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         messages = conversation(rng, **kw)
         prompt, answer = messages[:-1], messages[-1]["content"]
-        question = prompt[-1]["content"]
-        rejected = shortcut(question) if rng.random() < shortcut_share else wrong_answer(question, answer, rng)
-        if rejected == answer:  # a shortcut that happens to be right (sorted letters, a palindrome)
-            rejected = wrong_answer(question, answer, rng)
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "margin": None})
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong_answer(prompt[-1]["content"], answer, rng),
+                     "margin": None})
     return rows
 
 
@@ -184,11 +155,30 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+QUICKSTART = dict(families=("reverse", "capital", "repeat", "after"), multi_turn=0.1, system=0.2)
+"""The quickstart's tasks: the four families the tiny model learns within a minute on a CPU."""
+
+
+def heldout_prompt_rows(n: int, seed: int, exclude: list[dict], **kw) -> list[dict]:
+    """`n` prompts (as `prompt_rows`) none of which is a prompt of `exclude`: held-out for evaluation."""
+    seen = {json.dumps(r["prompt"], sort_keys=True) for r in exclude}
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        prompt = conversation(rng, **kw)[:-1]
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"prompt": prompt})
+    return rows
+
+
 def main() -> None:
     out = Path(__file__).parent / "assets" / "data"
-    write_jsonl(sft_rows(800, seed=0), out / "quickstart_sft.jsonl")
-    write_jsonl(preference_rows(600, seed=1), out / "quickstart_prefs.jsonl")
-    write_jsonl(prompt_rows(400, seed=2), out / "quickstart_prompts.jsonl")
+    write_jsonl(sft_rows(4000, seed=0, **QUICKSTART), out / "quickstart_sft.jsonl")
+    write_jsonl(preference_rows(3000, seed=1, **QUICKSTART), out / "quickstart_prefs.jsonl")
+    prompts = prompt_rows(1000, seed=2, **QUICKSTART)
+    write_jsonl(prompts, out / "quickstart_prompts.jsonl")
+    write_jsonl(heldout_prompt_rows(128, seed=3, exclude=prompts, **QUICKSTART), out / "quickstart_eval_prompts.jsonl")
     print(f"wrote {out}")
 
 

@@ -125,3 +125,12 @@ def test_samples_per_prompt_multiplies_the_rollout(tmp_path, sft_policy):  # noq
     assert len(set(firsts)) == len(firsts)
     with pytest.raises(UserError, match="multiple of ppo.samples_per_prompt"):
         ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.samples_per_prompt", "3"), reward=DigitReward())
+
+
+def test_low_eos_rate_warns_from_the_first_step(tmp_path, sft_policy):  # noqa: F811
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.steps", "1", "--ppo.max_new_tokens", "1"),
+                     reward=DigitReward())
+    assert h[0]["response/eos_rate"] < 0.5
+    assert any("raise ppo.max_new_tokens" in str(w.message) for w in caught)

@@ -1,29 +1,52 @@
-"""The README's main job: `rlhf pipeline --config configs/quickstart.yaml`, as a subprocess."""
+"""The README's main job: `rlhf pipeline --config configs/quickstart.yaml`, as a subprocess; its report
+puts the true objective (exact answers on held-out prompts) next to the reward model's score."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     p = subprocess.run([sys.executable, "-m", "rlhf", "pipeline", "--config", "configs/quickstart.yaml",
-                        "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                        "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["sft"]["eval_loss_after"] < 0.5 * report["sft"]["eval_loss_before"]
-    assert report["reward"]["eval_accuracy"] > 0.7  # the reward model learnt correct > wrong
+    assert report["sft"]["eval_loss_after"] < 0.2 * report["sft"]["eval_loss_before"]
+    assert report["reward"]["eval_accuracy"] >= 0.85  # the reward model learnt correct > wrong
     ppo = report["ppo"]
-    assert ppo["steps"] == 60
-    assert ppo["score_last5"] > ppo["score_first5"] + 0.3  # PPO raised the reward model's score
-    assert ppo["kl_last5"] < 10
+    assert ppo["steps"] == 60 and ppo["kl_last5"] < 10
+    held = report["heldout"]
+    assert held["eval_reward"] == "reward.examples:exact_answer"
+    assert held["before_step"] == 0 and held["after_step"] == 60
+    # the SFT policy (PPO's step 0) answers at least 40% of the held-out prompts exactly (greedy)
+    assert held["before"]["eval/greedy/reward"] >= 0.4
+    assert held["before"]["eval/kl"] == 0 and held["after"]["eval/kl"] > 0
+    steps = [json.loads(line)["step"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
+             if "eval/reward" in json.loads(line)]
+    assert steps == [0, 10, 20, 30, 40, 50, 60]
+    md = (out / "report.md").read_text()
+    assert "**true metric**, greedy answers" in md and "proxy (reward model)" in md
+    # the report says in words what happened to the true metric
+    b, a = held["before"], held["after"]
+    if held["hacking"]:
+        assert a["eval/reward"] < b["eval/reward"] and a["eval/proxy"] > b["eval/proxy"]
+        assert "reward hacking" in md and "reward hacking" in p.stdout
+    elif a["eval/reward"] > b["eval/reward"]:
+        assert "The true metric rose with the proxy." in md
+    else:
+        assert "The true metric did not rise" in md
+    assert len(report["samples"]) == 8 and all(s["prompt"] for s in report["samples"])
     for name in ("sft.png", "reward.png", "ppo.png"):
         assert (out / "plots" / name).stat().st_size > 5000
-    assert (out / "ppo" / "policy" / "adapter_config.json").exists()
+        assert f"](plots/{name})" in md  # embedded as an image
     adapter = json.loads((out / "ppo" / "policy" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(out / "sft")  # the PPO adapter sits on the SFT model
-    assert "# Pipeline report" in p.stdout and "reward-model score" in p.stdout
+    assert "# Pipeline report" in p.stdout
