@@ -134,3 +134,20 @@ def test_low_eos_rate_warns_from_the_first_step(tmp_path, sft_policy):  # noqa: 
                      reward=DigitReward())
     assert h[0]["response/eos_rate"] < 0.5
     assert any("raise ppo.max_new_tokens" in str(w.message) for w in caught)
+
+
+def test_ppo_tiny_function_reward_tip_works_as_written(tmp_path, sft_policy):  # noqa: F811
+    """configs/ppo_tiny.yaml's comment shows how to swap in a Python function; run exactly that line."""
+    from conftest import REPO
+    from rlhf import config
+
+    tip = next(line for line in (REPO / "configs" / "ppo_tiny.yaml").read_text().splitlines()
+               if line.startswith("#   rlhf ppo ") and "--reward.spec" in line)
+    args = tip.removeprefix("#   rlhf ppo ").split()
+    args[args.index("--config") + 1] = str(REPO / "configs" / "ppo_tiny.yaml")
+    cfg = config.parse(ppo.PPOConfig, args + ["--model.name_or_path", sft_policy, "--output_dir", str(tmp_path),
+                                              "--ppo.steps", "2", "--ppo.per_device_rollout_batch_size", "16"],
+                       "rlhf ppo")
+    h = ppo.main(cfg)
+    assert len(h) == 2 and all(0.0 <= m["objective/scores"] <= 1.0 for m in h)  # exact_answer: 0 or 1 each
+    assert (tmp_path / "policy" / "adapter_config.json").exists()
