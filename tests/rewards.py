@@ -32,3 +32,8 @@ def digit_fraction_then_crash(prompts, responses):
     if _calls == int(os.environ.get("RLHF_TEST_CRASH_AT_CALL", "0")):
         os._exit(137)
     return digit_fraction(prompts, responses)
+
+
+def response_chars(prompts, responses):
+    """Length of the response in characters: differs between almost any two answers."""
+    return [float(len(r)) for r in responses]

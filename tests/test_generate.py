@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from rewards import digit_fraction
+from rewards import response_chars
 from rlhf import cli
 from rlhf.ppo import PromptDataConfig, load_prompts
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
@@ -60,7 +60,7 @@ def test_greedy_rows_match_direct_generate(which, tmp_path, sft_policy, lora_ada
     out = tmp_path / "g.jsonl"
     code = cli.main(["generate", "--model", model, "--prompts.max_samples", str(N), "--samples_per_prompt", "2",
                      "--temperature", "0", "--max_new_tokens", "12", "--batch_size", "5",  # batches straddle prompts
-                     "--reward.spec", str(REPO / "tests" / "rewards.py") + ":digit_fraction", "--output", str(out)])
+                     "--reward.spec", str(REPO / "tests" / "rewards.py") + ":response_chars", "--output", str(out)])
     assert code == 0
     rows = read(out)
     prompts = load_prompts(PromptDataConfig(max_samples=N))
@@ -71,9 +71,9 @@ def test_greedy_rows_match_direct_generate(which, tmp_path, sft_policy, lora_ada
     direct = greedy(model, prompts, 12)
     assert [(r["response"], r["length"]) for r in rows[::2]] == direct
     assert [r["eos"] for r in rows] == [n < 12 for _, n in direct for _ in range(2)]
-    assert [r["reward"] for r in rows] == digit_fraction([r["prompt"] for r in rows], [r["response"] for r in rows])
+    assert [r["reward"] for r in rows] == response_chars([r["prompt"] for r in rows], [r["response"] for r in rows])
     if which == "full":
-        assert len({r["reward"] for r in rows}) > 1  # the reward tells the answers apart (some are numbers)
+        assert len({r["reward"] for r in rows}) > 1  # the reward tells the answers apart
     else:
         assert direct != greedy(sft_policy, prompts, 12)  # the adapter was applied: it changes the answers
     assert f"{2 * N} responses ({N} prompts x 2)" in capsys.readouterr().out

@@ -27,9 +27,10 @@ def test_reward_hacking_rule():
     assert not reward_hacking([0.0, 0.1, 0.5, 0.9], [0.0, 0.8, 0.9, 0.95], [0.1] * 4, window=3)
 
 
-def eval_args(tmp_path, every="2", *extra):
+def eval_args(tmp_path, every="2", *extra, questions=None):
     prompts = tmp_path / "heldout.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What number comes after {n}?"}) + "\n" for n in range(12)))
+    questions = questions or [f"What number comes after {n}?" for n in range(12)]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
     return ["--eval.prompts", str(prompts), "--eval.every", every, "--eval.max_prompts", "10", *extra]
 
 
@@ -81,17 +82,14 @@ class ShortAnswers:
         return torch.tensor([-len(r) / 10 for r in responses], dtype=torch.float32)
 
 
-def long_answers(prompts, responses):
-    """Held-out judge that pays for length: what the short-answer proxy hacks against."""
-    return [len(r) / 10 for r in responses]
-
-
 def test_hacking_warning_fires(tmp_path, sft_policy):  # noqa: F811
     fn = tmp_path / "judge.py"
     fn.write_text("def long_answers(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
     cfg = ppo_config(tmp_path, sft_policy, "--ppo.steps", "12", "--ppo.per_device_rollout_batch_size", "32",
                      "--ppo.kl_coef", "0.0", "--ppo.max_new_tokens", "16",
-                     *eval_args(tmp_path, "3", "--eval.reward.spec", f"{fn}:long_answers", "--eval.greedy", "false"))
+                     *eval_args(tmp_path, "3", "--eval.reward.spec", f"{fn}:long_answers", "--eval.greedy", "false",
+                                questions=[f"Repeat {w} 4 times." for w in ("cat", "dog", "sun", "moon", "tree", "bird",
+                                                                           "fish", "star", "rain", "snow")]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         h = ppo.main(cfg, reward=ShortAnswers())
