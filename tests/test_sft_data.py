@@ -65,7 +65,7 @@ def test_validation_split_holds_out_rows(tmp_path):
 
 def test_builtin_quickstart_data():
     train, val, fmt = load_sft_data(DataConfig(), seed=0)
-    assert fmt == "messages" and len(train) + len(val) == 800
+    assert fmt == "messages" and len(train) + len(val) == 4000
 
 
 @pytest.mark.parametrize("content, expect", [
