@@ -277,12 +277,15 @@ def plot(out: Path, history: list[dict]) -> list[str]:
     train = [m for m in history if "objective/scores" in m]
     evals = [m for m in history if "eval/reward" in m]
     if train:
+        def train_and_heldout(ax, train_key, eval_key, title, ylabel):
+            curve(ax, points(train, train_key), "training batches", "tab:blue")
+            curve(ax, points(evals, eval_key), "held-out prompts", "tab:orange", smoothed=False)
+            ax.set(title=title, xlabel="PPO iteration", ylabel=ylabel)
+            ax.legend()
+
         fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-        ax = axes[0][0]
-        curve(ax, points(train, "objective/scores"), "training batches", "tab:blue")
-        curve(ax, points(evals, "eval/proxy"), "held-out prompts", "tab:orange", smoothed=False)
-        ax.set(title="Proxy: reward-model score", xlabel="PPO iteration", ylabel="reward-model score (raw)")
-        ax.legend()
+        train_and_heldout(axes[0][0], "objective/scores", "eval/proxy", "Proxy: reward-model score",
+                          "reward-model score (raw)")
         ax = axes[0][1]
         if evals:
             curve(ax, points(evals, "eval/reward"), "held-out, sampled", "tab:green", smoothed=False)
@@ -292,11 +295,7 @@ def plot(out: Path, history: list[dict]) -> list[str]:
             ax.text(0.5, 0.5, "no held-out evaluation\n(set ppo.eval.prompts and ppo.eval.reward)",
                     ha="center", va="center", transform=ax.transAxes)
         ax.set(title="True metric: held-out reward", xlabel="PPO iteration", ylabel="held-out reward (mean)")
-        ax = axes[1][0]
-        curve(ax, points(train, "objective/kl"), "training batches", "tab:blue")
-        curve(ax, points(evals, "eval/kl"), "held-out prompts", "tab:orange", smoothed=False)
-        ax.set(title="KL(policy || SFT policy)", xlabel="PPO iteration", ylabel="KL (nats per answer)")
-        ax.legend()
+        train_and_heldout(axes[1][0], "objective/kl", "eval/kl", "KL(policy || SFT policy)", "KL (nats per answer)")
         ax = axes[1][1]
         curve(ax, points(train, "response/length"), "length, training", "tab:blue")
         curve(ax, points(evals, "eval/length"), "length, held-out", "tab:orange", smoothed=False)
