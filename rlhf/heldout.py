@@ -10,6 +10,8 @@ reward (the proxy PPO optimises). Logged as `eval/...` next to the training metr
   eval/kl                          KL(policy || reference) on those answers (sum over tokens, k1)
   eval/length, eval/eos_rate       response length (tokens) and share that ended with the stop token
   eval/greedy/reward, .../proxy    the same for greedy answers (with `eval.greedy`)
+  eval/proxy_agreement             share of answer pairs the judge tells apart that the proxy orders
+                                   the same way (the proxy's AUC for a 0/1 judge; 0.5 = no signal)
   eval/hacking                     1 when the proxy rose while the held-out reward fell (below)
 
 A rising proxy with a falling held-out reward is reward hacking (Gao et al. 2022, "Scaling laws for
@@ -77,6 +79,17 @@ def reward_hacking(proxy: list[float], heldout: list[float], heldout_stderr: lis
         return False
     p, h = proxy[-window:], heldout[-window:]
     return p[-1] > p[0] and h[0] - h[-1] > 2 * heldout_stderr[-1]
+
+
+def agreement(proxy: list[float], judge: list[float]) -> float:
+    """Share of answer pairs the judge tells apart that the proxy orders the same way (ties count
+    half): for a 0/1 judge, the proxy's AUC. 0.5 is a proxy that knows nothing the judge knows."""
+    p, j = torch.tensor(proxy, dtype=torch.float64), torch.tensor(judge, dtype=torch.float64)
+    dj, dp = j[:, None] - j[None, :], p[:, None] - p[None, :]  # (N, N) differences
+    pairs = dj > 0
+    if not pairs.any():
+        return float("nan")
+    return ((dp[pairs] > 0).double() + 0.5 * (dp[pairs] == 0).double()).mean().item()
 
 
 class HeldOutEval:
@@ -151,6 +164,8 @@ class HeldOutEval:
             n = len(values["reward"])
             for k, v in values.items():
                 metrics[f"eval/{prefix}{k}"] = sum(v) / n
+            if self.judge is not self.proxy:
+                metrics[f"eval/{prefix}proxy_agreement"] = agreement(values["proxy"], values["reward"])
             r = torch.tensor(values["reward"], dtype=torch.float64)
             metrics[f"eval/{prefix}reward_stderr"] = (r.std() / n ** 0.5).item() if n > 1 else 0.0
             rows += [{"step": step, "mode": prefix.rstrip("/") or "sampled", "prompt": p, "response": t,

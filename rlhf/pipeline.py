@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from rlhf import config
 from rlhf.config import RewardConfig, SFTConfig
@@ -37,6 +37,8 @@ class PipelineConfig:
     """Stages to run, in order; a stage left out uses its existing output in output_dir."""
     reward_base: Literal["sft", "config"] = "sft"
     """Start the reward model from the SFT output (`sft`), or from reward.model as configured."""
+    seed: Optional[int] = None
+    """Seed of every stage (sets sft.seed, reward.seed and ppo.seed); None keeps each stage's own."""
 
 
 def wire(cfg: PipelineConfig) -> PipelineConfig:
@@ -55,6 +57,8 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
     cfg.ppo.reward.kind = "preference"
     for stage in (cfg.sft, cfg.reward, cfg.ppo):  # one W&B group per pipeline run
         stage.tracking.group = stage.tracking.group or out.resolve().name
+        if cfg.seed is not None:
+            stage.seed = cfg.seed
     return cfg
 
 
@@ -175,6 +179,7 @@ def _markdown(r: dict, out: Path) -> str:
                   "| | before PPO | after PPO | change |", "|---|---|---|---|"]
         rows = [("**true metric**, sampled answers", "eval/reward"), ("**true metric**, greedy answers", "eval/greedy/reward"),
                 ("proxy (reward model), sampled", "eval/proxy"), ("proxy (reward model), greedy", "eval/greedy/proxy"),
+                ("proxy orders answer pairs as the true metric does (AUC)", "eval/proxy_agreement"),
                 ("KL to the SFT policy (nats per answer)", "eval/kl"), ("answer length (tokens)", "eval/length"),
                 ("EOS rate", "eval/eos_rate")]
         lines += [f"| {name} | {b[k]:.3f} | {a[k]:.3f} | {a[k] - b[k]:+.3f} |" for name, k in rows if k in b]

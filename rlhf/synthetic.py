@@ -45,13 +45,27 @@ def _task(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> tuple[str
     raise ValueError(f"unknown task family {kind!r}; known: {', '.join(FAMILIES)}")
 
 
+def remark(question: str, answer: str) -> str | None:
+    """The answer with the remark a chatty demonstrator adds ("noom (moon backwards)"), for the
+    families that have one (reverse, capital); None for the others. Not what was asked: the exact
+    answer is the bare reply."""
+    if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
+        return f"{answer} ({m.group(1)} backwards)"
+    if re.fullmatch(r"Write \w+ in capital letters\.", question):
+        return f"{answer} (in capitals)"
+    return None
+
+
 def conversation(rng: random.Random, families: tuple[str, ...] = FAMILIES, multi_turn: float = 0.2,
-                 system: float = 0.3) -> list[dict]:
+                 system: float = 0.3, chatty: float = 0.0) -> list[dict]:
     """A conversation of one (or, with probability `multi_turn`, two) user/assistant exchanges on tasks
-    of `families`, with a system prompt with probability `system`."""
+    of `families`, with a system prompt with probability `system`. With probability `chatty` an answer
+    that has a `remark` carries it (demonstrations that are right but not what was asked)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < system else []
     for _ in range(2 if rng.random() < multi_turn else 1):
         question, answer = _task(rng, families)
+        if chatty and rng.random() < chatty:
+            answer = remark(question, answer) or answer
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -62,35 +76,36 @@ def sft_rows(n: int, seed: int = 0, **kw) -> list[dict]:
     return [{"messages": conversation(rng, **kw)} for _ in range(n)]
 
 
-def wrong_answer(question: str, answer: str, rng: random.Random) -> str:
+def wrong_answer(question: str, answer: str, rng: random.Random, hard_share: float = 0.0) -> str:
     """A wrong reply of the same kind as `answer` to one of `_task`'s questions.
 
-    The kinds of mistakes a small model makes: the right operation on the wrong word, the input
-    echoed back, a near miss (one letter or one number off, one repetition too many), a far miss, a
-    reply that drifts into another word. A reward model has easy and hard pairs to learn from.
+    Hard mistakes, the ones a small model makes most and a reward model finds hardest to see, get
+    probability `hard_share`: the right form with the wrong content (another word reversed or
+    capitalised or repeated, another number). Otherwise an easier one: the input echoed back, a near
+    miss (a letter rotated, one repetition too many or too few, a number one or two off), the wrong form.
     """
     other = rng.choice([x for x in WORDS if x not in question.split()])
     if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
         w = m.group(1)
-        options = [w, other[::-1], w[1:] + w[0], other, w.upper()]
+        hard, easy = [other[::-1]], [w, w[1:] + w[0], other, w.upper()]
     elif m := re.fullmatch(r"Write (\w+) in capital letters\.", question):
         w = m.group(1)
-        options = [w, other.upper(), w.capitalize(), other, w[::-1].upper()]
+        hard, easy = [other.upper()], [w, w.capitalize(), other, w[::-1].upper()]
     elif re.fullmatch(r"What is \d+ plus \d+\?", question) or question.startswith("What number comes after"):
         n = int(answer)
-        options = [str(n + d) for d in (-2, -1, 1, 2) if n + d >= 0] + [str(rng.randrange(60)), other]
+        hard, easy = [str(rng.randrange(60))], [str(n + d) for d in (-2, -1, 1, 2) if n + d >= 0] + [other]
     elif m := re.fullmatch(r"Repeat (\w+) (\d+) times\.", question):
         w, n = m.group(1), int(m.group(2))
         mixed = [w] * n
         mixed[rng.randrange(n)] = other
-        options = [" ".join([w] * (n - 1)), " ".join([w] * (n + 1)), " ".join([other] * n), " ".join(mixed), w]
+        hard, easy = [" ".join([other] * n), " ".join(mixed)], [" ".join([w] * (n - 1)), " ".join([w] * (n + 1)), w]
     elif m := re.fullmatch(r"Sort the letters ([a-j](?: [a-j])*)\.", question):
         given = m.group(1).split()
-        options = [" ".join(given), " ".join(sorted(given, reverse=True))]
+        hard, easy = [], [" ".join(given), " ".join(sorted(given, reverse=True))]
     else:
         raise ValueError(f"not a synthetic task question: {question!r}")
-    options = [o for o in options if o != answer]
-    return rng.choice(options)
+    hard, easy = [o for o in hard if o != answer], [o for o in easy if o != answer]
+    return rng.choice(hard if hard and (rng.random() < hard_share or not easy) else easy)
 
 
 def answer(question: str) -> str:
@@ -129,16 +144,20 @@ def gold_reward(prompts, responses) -> list[float]:
             for p, r in zip(prompts, responses)]
 
 
-def preference_rows(n: int, seed: int = 0, **kw) -> list[dict]:
+def preference_rows(n: int, seed: int = 0, hard_share: float = 0.0, remark_share: float = 0.0, **kw) -> list[dict]:
     """`n` preference pairs (canonical `pairs` format): the prompt is a `conversation` (`kw` as for it)
-    up to its last question, `chosen` the correct answer, `rejected` a wrong answer of the same kind."""
+    up to its last question, `chosen` the exact answer, `rejected` the answer with its `remark` with
+    probability `remark_share` (where the task has one), else a `wrong_answer` (hard with probability
+    `hard_share`)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         messages = conversation(rng, **kw)
         prompt, answer = messages[:-1], messages[-1]["content"]
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong_answer(prompt[-1]["content"], answer, rng),
-                     "margin": None})
+        question = prompt[-1]["content"]
+        rejected = (rng.random() < remark_share and remark(question, answer)) or \
+            wrong_answer(question, answer, rng, hard_share)
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "margin": None})
     return rows
 
 
@@ -174,8 +193,11 @@ def heldout_prompt_rows(n: int, seed: int, exclude: list[dict], **kw) -> list[di
 
 def main() -> None:
     out = Path(__file__).parent / "assets" / "data"
-    write_jsonl(sft_rows(4000, seed=0, **QUICKSTART), out / "quickstart_sft.jsonl")
-    write_jsonl(preference_rows(3000, seed=1, **QUICKSTART), out / "quickstart_prefs.jsonl")
+    # Demonstrators are right but, on two tasks, chatty 60% of the time ("noom (moon backwards)");
+    # labellers prefer the bare answer to the chatty one, and any right answer to a wrong one.
+    write_jsonl(sft_rows(4000, seed=0, chatty=0.6, **QUICKSTART), out / "quickstart_sft.jsonl")
+    write_jsonl(preference_rows(3000, seed=1, hard_share=0.7, remark_share=0.4, **QUICKSTART),
+                out / "quickstart_prefs.jsonl")
     prompts = prompt_rows(1000, seed=2, **QUICKSTART)
     write_jsonl(prompts, out / "quickstart_prompts.jsonl")
     write_jsonl(heldout_prompt_rows(128, seed=3, exclude=prompts, **QUICKSTART), out / "quickstart_eval_prompts.jsonl")

@@ -27,6 +27,16 @@ def test_reward_hacking_rule():
     assert not reward_hacking([0.0, 0.1, 0.5, 0.9], [0.0, 0.8, 0.9, 0.95], [0.1] * 4, window=3)
 
 
+def test_agreement_is_the_auc_for_a_binary_judge():
+    from rlhf.heldout import agreement
+
+    assert agreement([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert agreement([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert agreement([0.5, 0.9, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+    assert agreement([1.0, 2.0, 3.0], [0.0, 0.5, 1.0]) == 1.0  # graded judges: every ordered pair counts
+    assert agreement([1.0, 2.0], [1.0, 1.0]) != agreement([1.0, 2.0], [1.0, 1.0])  # nan: nothing to order
+
+
 def eval_args(tmp_path, every="2", *extra, questions=None):
     prompts = tmp_path / "heldout.jsonl"
     questions = questions or [f"What number comes after {n}?" for n in range(12)]
