@@ -49,12 +49,17 @@ class BenchAlignConfig:
     """Each seed's stages go to output_dir/seed_N; report.md, report.json and plots/ to output_dir."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """One full run (SFT, labels, reward model, PPO, best-of-n, RLOO) per seed; headline numbers are means."""
-    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=64, num_hidden_layers=2))
+    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=128, intermediate_size=256))
     """Shape of the tiny random-init Llama that is fine-tuned."""
-    sft_rows: int = 2000
+    sft_rows: int = 4000
     """Synthetic conversations in the SFT corpus."""
-    sft_steps: int = 600
-    """SFT optimizer steps (batch 16)."""
+    sft_steps: int = 400
+    """SFT optimizer steps (batch 32)."""
+    families: list[str] = field(default_factory=lambda: list(synthetic.QUICKSTART["families"]))
+    """Task families of the corpus (`rlhf.synthetic.FAMILIES`); by default the quickstart's four."""
+    chatty: float = 0.6
+    """Share of demonstrations that add an unasked remark to a right answer (reverse, capital tasks),
+    which the gold reward (edit distance to the exact answer) penalises: room for RLHF above SFT."""
     pair_prompts: int = 3000
     """Prompts the SFT policy answers twice for preference labels (pairs with identical replies are dropped)."""
     bt_beta: float = 8.0
@@ -95,6 +100,11 @@ class BenchAlignConfig:
 def check(cfg: BenchAlignConfig) -> None:
     if not cfg.seeds:
         raise UserError("seeds: give at least one seed")
+    unknown = [f for f in cfg.families if f not in synthetic.FAMILIES]
+    if unknown or not cfg.families:
+        raise UserError(f"families: expected some of {', '.join(synthetic.FAMILIES)}, got {cfg.families}")
+    if not 0 <= cfg.chatty <= 1:
+        raise UserError(f"chatty must be in [0, 1], got {cfg.chatty}")
     if cfg.best_of_n < 1 or cfg.best_of_n & (cfg.best_of_n - 1):
         raise UserError(f"best_of_n must be a power of two, got {cfg.best_of_n}")
     if cfg.rloo and cfg.rollout_batch % cfg.rloo_k:
@@ -144,13 +154,18 @@ class Evaluator:
 # one seed
 
 
-def _prompts(n: int, seed: int) -> list[list[dict]]:
-    return [row["prompt"] for row in synthetic.prompt_rows(n, seed)]
+def _corpus(cfg: BenchAlignConfig) -> dict:
+    """Keyword arguments of `synthetic.conversation` for this benchmark's corpus."""
+    return {**synthetic.QUICKSTART, "families": tuple(cfg.families)}
+
+
+def _prompts(cfg: BenchAlignConfig, n: int, seed: int) -> list[list[dict]]:
+    return [row["prompt"] for row in synthetic.prompt_rows(n, seed, **_corpus(cfg))]
 
 
 def _train_prompts(cfg: BenchAlignConfig, seed: int) -> list[list[dict]]:
     """The prompts PPO and RLOO both train on."""
-    return _prompts(max(cfg.rollout_batch * 20, 400), 60_000 + seed)
+    return _prompts(cfg, max(cfg.rollout_batch * 20, 400), 60_000 + seed)
 
 
 def sampling(cfg: BenchAlignConfig, batch_size: int):
@@ -171,11 +186,11 @@ def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
     from rlhf.config import DataConfig, SFTConfig, TrainConfig
 
     data = out / "data" / "sft.jsonl"
-    synthetic.write_jsonl(synthetic.sft_rows(cfg.sft_rows, seed=10_000 + seed), data)
+    synthetic.write_jsonl(synthetic.sft_rows(cfg.sft_rows, seed=10_000 + seed, chatty=cfg.chatty, **_corpus(cfg)), data)
     sft.main(SFTConfig(
         model=ModelConfig(name_or_path="tiny", tiny=cfg.model), peft=PeftConfig(method="full"),
         data=DataConfig(train=str(data), validation_split=0.05),
-        train=TrainConfig(learning_rate=3e-3, max_steps=cfg.sft_steps, per_device_train_batch_size=16,
+        train=TrainConfig(learning_rate=3e-3, max_steps=cfg.sft_steps, per_device_train_batch_size=32,
                           max_length=128, warmup_steps=0.05, logging_steps=25, eval_steps=max(cfg.sft_steps // 4, 1)),
         output_dir=str(out / "sft"), seed=seed))
     return str(out / "sft")
@@ -184,7 +199,7 @@ def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
 def label_pairs(cfg: BenchAlignConfig, sft, tok, out: Path, seed: int) -> dict:
     """Two samples per prompt from the SFT policy `sft`, gold-scored, labelled under Bradley–Terry
     noise; split into reward-model train / validation / test files."""
-    prompts = _prompts(cfg.pair_prompts, 20_000 + seed)
+    prompts = _prompts(cfg, cfg.pair_prompts, 20_000 + seed)
     replies = [sample_texts(sft, tok, prompts, sampling(cfg, 64), 30_000 + s) for s in (seed, seed + 1)]
     keep = [i for i, (a, b) in enumerate(zip(*replies)) if a.strip() != b.strip()]
     prompts = [prompts[i] for i in keep]
@@ -310,7 +325,7 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
     proxy = load_reward(rm_dir, kind="preference", batch_size=128)
     result = {"seed": seed, "pairs": {k: len(v) for k, v in splits.items()},
               "reward_model": reward_accuracy(proxy, splits["test"], cfg.bt_beta)}
-    eval_prompts = _prompts(cfg.eval_prompts, 70_000 + seed)
+    eval_prompts = _prompts(cfg, cfg.eval_prompts, 70_000 + seed)
     evaluator = Evaluator(cfg, sft, eval_prompts, proxy, seed)
     t = time.perf_counter()
     result["best_of_n"] = best_of_n_curve(cfg, sft, tok, eval_prompts, proxy, seed)

@@ -27,7 +27,7 @@ STEPS = 4
 GLOBAL_BATCH = 8
 COMMON = ["--train.max_steps", str(STEPS), "--train.logging_steps", "1", "--train.eval_steps", str(STEPS),
           "--train.warmup_steps", "0", "--data.max_samples", "64", "--data.validation_split", "0",
-          "--train.learning_rate", "1e-2"]
+          "--train.learning_rate", "3e-3"]
 STAGE_ARGS = {
     "sft": ["--config", "configs/sft_tiny.yaml"],
     "reward": ["--config", "configs/reward_tiny.yaml", "--reward.normalize_on", "train",

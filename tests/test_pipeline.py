@@ -20,7 +20,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["sft"]["eval_loss_after"] < 0.2 * report["sft"]["eval_loss_before"]
-    assert report["reward"]["eval_accuracy"] >= 0.85  # the reward model learnt correct > wrong
+    assert report["reward"]["eval_accuracy"] >= 0.9  # the reward model learnt correct > wrong
     ppo = report["ppo"]
     assert ppo["steps"] == 60 and ppo["kl_last5"] < 10
     held = report["heldout"]
@@ -34,15 +34,13 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert steps == [0, 10, 20, 30, 40, 50, 60]
     md = (out / "report.md").read_text()
     assert "**true metric**, greedy answers" in md and "proxy (reward model)" in md
-    # the report says in words what happened to the true metric
+    # RLHF raised the true objective on held-out prompts, not only the reward model's score
     b, a = held["before"], held["after"]
-    if held["hacking"]:
-        assert a["eval/reward"] < b["eval/reward"] and a["eval/proxy"] > b["eval/proxy"]
-        assert "reward hacking" in md and "reward hacking" in p.stdout
-    elif a["eval/reward"] > b["eval/reward"]:
-        assert "The true metric rose with the proxy." in md
-    else:
-        assert "The true metric did not rise" in md
+    assert a["eval/greedy/reward"] >= b["eval/greedy/reward"] + 0.15, (b, a)
+    assert a["eval/reward"] > b["eval/reward"] and a["eval/proxy"] > b["eval/proxy"]
+    assert 0 < a["eval/kl"] < 5 and not held["hacking"]
+    assert b["eval/proxy_agreement"] > 0.7  # the reward model ranks the SFT policy's own answers
+    assert "The true metric rose with the proxy." in md
     assert len(report["samples"]) == 8 and all(s["prompt"] for s in report["samples"])
     for name in ("sft.png", "reward.png", "ppo.png"):
         assert (out / "plots" / name).stat().st_size > 5000
