@@ -164,8 +164,9 @@ class HeldOutEval:
             n = len(values["reward"])
             for k, v in values.items():
                 metrics[f"eval/{prefix}{k}"] = sum(v) / n
-            if self.judge is not self.proxy:
-                metrics[f"eval/{prefix}proxy_agreement"] = agreement(values["proxy"], values["reward"])
+            auc = agreement(values["proxy"], values["reward"]) if self.judge is not self.proxy else float("nan")
+            if auc == auc:  # NaN when the judge scored every answer alike: nothing to order
+                metrics[f"eval/{prefix}proxy_agreement"] = auc
             r = torch.tensor(values["reward"], dtype=torch.float64)
             metrics[f"eval/{prefix}reward_stderr"] = (r.std() / n ** 0.5).item() if n > 1 else 0.0
             rows += [{"step": step, "mode": prefix.rstrip("/") or "sampled", "prompt": p, "response": t,
