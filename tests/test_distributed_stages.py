@@ -30,7 +30,7 @@ COMMON = ["--train.max_steps", str(STEPS), "--train.logging_steps", "1", "--trai
           "--train.learning_rate", "3e-3"]
 STAGE_ARGS = {
     "sft": ["--config", "configs/sft_tiny.yaml"],
-    "reward": ["--config", "configs/reward_tiny.yaml", "--reward.normalize_on", "train",
+    "reward": ["--config", "configs/reward_tiny.yaml", "--model.name_or_path", "tiny", "--reward.normalize_on", "train",
                "--reward.normalize_samples", "16", "--train.per_device_eval_batch_size", "8"],
 }
 

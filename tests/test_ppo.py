@@ -253,7 +253,8 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
     rm_dir = tmp_path / "rm"
     reward_stage.main(config.parse(config.RewardConfig, [
         "--config", str(REPO / "configs" / "reward_tiny.yaml"), "--model.name_or_path", sft_policy,
-        "--output_dir", str(rm_dir), "--train.max_steps", "10", "--train.eval_steps", "10"], "t"))
+        "--output_dir", str(rm_dir), "--train.max_steps", "10", "--train.eval_steps", "10", "--peft.method", "lora",
+        "--train.learning_rate", "3e-3"], "t"))
     cfg = ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--ppo.critic_init", "reward")
     PartialState()
     tokenizer, ac, _ = ppo.build_models(cfg, True)

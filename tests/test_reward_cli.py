@@ -53,7 +53,8 @@ def test_data_check_options_and_column_map(capsys, tmp_path):
 
 def test_reward_then_eval_reward_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "rm"
-    assert cli.main(["reward", "--config", "configs/reward_tiny.yaml", "--output_dir", str(out),
+    assert cli.main(["reward", "--config", "configs/reward_tiny.yaml", "--model.name_or_path", "tiny",
+                     "--output_dir", str(out),
                      "--train.max_steps", "6", "--train.eval_steps", "3", "--train.max_length", "64"]) == 0
     assert "reward done: validation accuracy" in capsys.readouterr().out
     report_file = tmp_path / "eval.json"
@@ -70,7 +71,8 @@ def test_reward_then_eval_reward_from_the_command_line(tmp_path, capsys):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path):
-    r = run("reward", "--config", "configs/reward_tiny.yaml", "--data.train", "missing.jsonl",
+    r = run("reward", "--config", "configs/reward_tiny.yaml", "--model.name_or_path", "tiny",
+            "--data.train", "missing.jsonl",
             "--output_dir", str(tmp_path / "o"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "rlhf reward: error: data file 'missing.jsonl' does not exist"
@@ -84,7 +86,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     (["eval", "bogus"], "rlhf eval: error: expected what to evaluate: `rlhf eval reward"),
     (["classifier", "--config", "configs/classifier_tiny.yaml", "--data.text_column", "body"],
      "column(s) body not found"),
-    (["reward", "--config", "configs/reward_tiny.yaml", "--peft.method", "ia3"],
+    (["reward", "--config", "configs/reward_tiny.yaml", "--model.name_or_path", "tiny", "--peft.method", "ia3"],
      "rlhf reward: error: peft.method=ia3 is not supported by `rlhf reward`"),
     (["data", "check", "builtin:nothing"], "rlhf data: error: unknown built-in data 'builtin:nothing'"),
 ])

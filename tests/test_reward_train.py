@@ -35,7 +35,11 @@ def easy_pairs(path: Path, n: int = 240, seed: int = 0) -> Path:
 def reward_config(tmp_path, *args: str):
     base = ["--config", str(REPO / "configs" / "reward_tiny.yaml"), "--output_dir", str(tmp_path / "out"),
             "--train.max_steps", "4", "--train.eval_steps", "2", "--train.logging_steps", "1",
-            "--train.per_device_train_batch_size", "8", "--data.max_samples", "64", "--train.max_length", "64"]
+            "--train.per_device_train_batch_size", "8", "--data.max_samples", "64", "--train.max_length", "64",
+            "--model.name_or_path", "tiny"]
+    for flag, value in (("--peft.method", "lora"), ("--train.learning_rate", "3e-3")):
+        if flag not in args:  # these tests train LoRA reward models on the tiny base unless they say otherwise
+            base += [flag, value]
     return config.parse(config.RewardConfig, base + list(args), "rlhf reward")
 
 
