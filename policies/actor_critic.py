@@ -24,11 +24,48 @@ from torch import nn
 POLICY, CRITIC = "policy", "critic"
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def is_dropout_rate(name: str, value: object) -> bool:
+    """A float attribute that sets a dropout rate: `attention_dropout`, `hidden_dropout_prob`,
+    `attn_pdrop`, ... and LayerDrop (`encoder_layerdrop`), which skips whole layers in train mode."""
+    is_float = isinstance(value, float)
+    return is_float and ("dropout" in name or name.endswith(("pdrop", "layerdrop")))
+
+
+def model_configs(model: nn.Module) -> list:
+    """Every transformers config reachable from `model` (a base model, or a peft model around one),
+    with nested sub-configs (`text_config`, `vision_config`), each once."""
+    from transformers import PretrainedConfig
+
+    found: dict[int, PretrainedConfig] = {}
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, PretrainedConfig) and id(c) not in found:
+            found[id(c)] = c
+            stack.extend(v for v in vars(c).values() if isinstance(v, PretrainedConfig))
+    return list(found.values())
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio pi_new/pi_old is only 1 at the start of an update if both passes are deterministic."""
+    """PPO's ratio pi_new/pi_old is only 1 at the start of an update if both passes are deterministic.
+
+    Zeroing `nn.Dropout` modules is not enough: Llama/Qwen2/Mistral attention applies dropout from a
+    float (`self.attention_dropout`, copied from `config.attention_dropout` at init) in train mode.
+    So the float rates on every module and on every config are zeroed too; the config as well, because
+    some models read it at forward time. A model saved afterwards carries the zeroed rates."""
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, DROPOUT_MODULES):
             m.p = 0.0
+        for name, value in list(vars(m).items()):  # plain attributes; parameters and submodules live elsewhere
+            if is_dropout_rate(name, value):
+                setattr(m, name, 0.0)
+    for c in model_configs(model):
+        for name, value in list(vars(c).items()):
+            if is_dropout_rate(name, value):
+                setattr(c, name, 0.0)
 
 
 def backbone(lm: nn.Module) -> nn.Module:
@@ -118,6 +155,20 @@ class ActorCritic(nn.Module):
             return self.reference_logits(input_ids, attention_mask, position_ids, logits_to_keep), None
         return (self.policy_logits(input_ids, attention_mask, position_ids, logits_to_keep),
                 self.values(input_ids, attention_mask, position_ids))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters as {"policy": [...], "critic": [...]} (the value head is the critic's):
+        each gets its own learning rate and gradient clipping."""
+        groups: dict[str, list[nn.Parameter]] = {POLICY: [], CRITIC: []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.shared:  # LoRA weights are named `...lora_A.<adapter>.weight`
+                is_critic = name.startswith("value_head.") or f".{CRITIC}." in name
+            else:
+                is_critic = name.startswith(("value_head.", "critic."))
+            groups[CRITIC if is_critic else POLICY].append(p)
+        return groups
 
     def generation_model(self) -> nn.Module:
         """The module to call `.generate` on (the shared model has its policy adapter active)."""

@@ -11,7 +11,8 @@ import torch
 from rlhf.errors import UserError
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
+                     cpu_threads: int | None = None):
     """An Accelerator that sees every launched process, or a clear refusal.
 
     Without CUDA, the process group must be created with gloo before the Accelerator, else DeepSpeed
@@ -20,6 +21,7 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     from accelerate import Accelerator
 
     world = _cpu_process_group()
+    set_cpu_threads(cpu_threads)
     if mixed_precision is None:
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision)
@@ -81,12 +83,27 @@ def _cpu_process_group() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.cuda.is_available():
         PartialState(backend="gloo")
-        # Each process defaults to one OpenMP thread per core: N processes on a CPU oversubscribe it
-        # (measured: up to 100x slower PPO steps). Share the cores instead.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        set_cpu_threads(None)
     return world
+
+
+def set_cpu_threads(n: int | None) -> int:
+    """Fix torch's intra-op thread count on a CPU and return it. `n` None: the cores this process may
+    use (its CPU affinity, which a container or `taskset` narrows; not `os.cpu_count()`), shared between
+    the processes on this machine, unless OMP_NUM_THREADS says otherwise. Each process would otherwise
+    take one OpenMP thread per core: N processes oversubscribe the CPU (measured: up to 100x slower PPO
+    steps). Nothing to do on a GPU, where the CPU only feeds kernels."""
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    if n is None:
+        if "OMP_NUM_THREADS" in os.environ:
+            return torch.get_num_threads()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        n = max(1, len(os.sched_getaffinity(0)) // local)
+    if n < 1:
+        raise UserError(f"cpu_threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def check_world_size(world_size_env: int, num_processes: int) -> None:

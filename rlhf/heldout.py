@@ -132,7 +132,8 @@ class HeldOutEval:
     def __call__(self, step: int, model, tokenizer, stop_id: int, seed: int) -> dict[str, float]:
         from accelerate.utils import gather_object
 
-        from rlhf.ppo import _generation_context, encode_prompts, forward_rollout, left_pad, position_ids
+        from rlhf.ppo import (_generation_context, encode_prompts, forward_rollout, left_pad, position_ids, sample,
+                              sampling_config)
 
         acc, device = self.accelerator, self.accelerator.device
         ids, mask = left_pad(encode_prompts(tokenizer, self.prompts, self.max_prompt_length), tokenizer.pad_token_id)
@@ -142,13 +143,10 @@ class HeldOutEval:
         for prefix, temperature in modes:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed * 7919 + step)
-                with _generation_context(model, acc) as gen_model:
-                    kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature \
-                        else dict(do_sample=False)
-                    out = gen_model.generation_model().generate(
-                        input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, eos_token_id=stop_id,
-                        pad_token_id=tokenizer.pad_token_id, **kwargs)
-            responses, rmask = core.truncate_after_stop_token(out[:, ids.shape[1]:], stop_id, tokenizer.pad_token_id)
+                with _generation_context(model, acc) as gen_model, acc.autocast():
+                    out = sample(gen_model.generation_model(), ids, mask,
+                                 sampling_config(temperature, 1.0, self.max_new_tokens, stop_id, tokenizer.pad_token_id))
+            responses, rmask = core.truncate_after_stop_token(out, stop_id, tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
                                            skip_special_tokens=True)
             judge = self.judge.score(self.prompts, texts).float().tolist()
@@ -157,7 +155,7 @@ class HeldOutEval:
                      "eos_rate": (responses == stop_id).any(-1).float().tolist()}
             if not prefix:  # KL to the reference on the sampled answers (A = responses.shape[1])
                 full, fmask = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
-                lp, ref_lp, _ = forward_rollout(model, full, fmask, position_ids(fmask), responses, ids.shape[1],
+                lp, ref_lp, _, _ = forward_rollout(model, full, fmask, position_ids(fmask), responses, ids.shape[1],
                                                 temperature, len(full))
                 local["kl"] = ((lp - ref_lp) * rmask).sum(-1).tolist()
             values = {k: gather_object(v) for k, v in local.items()}

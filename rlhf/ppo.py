@@ -101,13 +101,20 @@ class PPOHyperparameters:
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     learning_rate: float = 1e-5
-    """Peak learning rate of policy and critic."""
+    """Peak learning rate of the policy."""
+    critic_learning_rate: Optional[float] = None
+    """Peak learning rate of the critic (adapter or model, and value head); None: `learning_rate`. A fresh
+    critic's gradients are much larger than the policy's: its own rate and clip keep them from setting
+    the policy's step (OpenRLHF's `critic_learning_rate`)."""
     lr_scheduler_type: str = "linear"
     """transformers scheduler name over all optimizer steps (`linear`, `cosine`, `constant`, ...)."""
     warmup_steps: float = 0
     """Warm-up optimizer steps, or a fraction in [0, 1) of all of them."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    """Gradient clipping norm of the policy's parameters (0: no clipping). Under DeepSpeed the engine
+    clips the norm of all gradients together at this value."""
+    critic_max_grad_norm: Optional[float] = None
+    """Gradient clipping norm of the critic's parameters, clipped separately (None: `max_grad_norm`)."""
     temperature: float = 0.7
     """Sampling temperature; logprobs are computed at the same temperature."""
     top_p: float = 1.0
@@ -128,18 +135,22 @@ class PPOHyperparameters:
     """Adaptive KL: target KL per sequence."""
     kl_horizon: int = 10000
     """Adaptive KL: horizon (in samples) of the proportional controller."""
-    reward_normalization: Literal["none", "running", "model"] = "none"
-    """Normalise scores by running statistics of this run, or by the reward model's stored ones."""
+    reward_normalization: Literal["auto", "none", "running", "model"] = "auto"
+    """Normalise scores by the reward model's stored statistics (`model`, mean 0 std 1 on its reference
+    responses, as in the N+ implementation details), by running statistics of this run (`running`), or
+    not at all. `auto`: `model` when the reward stores statistics, else `running`. The value head and
+    `cliprange_value` then work on that normalised scale."""
     reward_clip: Optional[float] = None
     """Clip (normalised) scores to [-reward_clip, reward_clip]."""
-    missing_eos_penalty: Optional[float] = None
-    """Subtract this from the score of a response that never emitted the stop token."""
+    missing_eos_penalty: Optional[float] = 1.0
+    """Subtract this from the (normalised) score of a response that never emitted the stop token (the N+
+    details' EOS trick: otherwise a policy learns to ramble up to max_new_tokens); None: no penalty."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean, unit variance per rollout batch."""
+    """Normalise advantages to zero mean, unit variance over the rollout batch of all processes."""
     cliprange: float = 0.2
     """Policy ratio clip."""
     cliprange_value: Optional[float] = 0.2
@@ -152,10 +163,11 @@ class PPOHyperparameters:
     """AdamW weight decay."""
     forward_batch_size: Optional[int] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
-    critic_init: Literal["policy", "reward"] = "policy"
-    """Start the critic from the policy (value head random), or from the reward model (InstructGPT):
-    its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full mode,
-    its body the critic; its score head becomes the value head."""
+    critic_init: Literal["auto", "policy", "reward"] = "auto"
+    """Start the critic from the policy (value head random), or from the reward model (InstructGPT, N+
+    details): its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full
+    mode, its body the critic; its score head becomes the value head. `auto`: from the reward model when
+    reward.spec is one that fits (said at start-up), else from the policy."""
 
 
 @dataclass
@@ -186,6 +198,9 @@ class PPOConfig:
     """Print (and log) a table of prompts and responses every N iterations (0: never)."""
     num_samples: int = 4
     """Rows in that table."""
+    cpu_threads: Optional[int] = None
+    """Intra-op threads per process on a CPU (None: the cores this process may use, shared between the
+    local processes). Fixed rather than left to OpenMP so a run beside another job does not collapse."""
 
 
 @dataclass
@@ -340,8 +355,12 @@ def unpartitioned(accelerator):
             set_hf_deepspeed_config(plugin.dschf)
 
 
-def build_models(cfg: PPOConfig, is_main: bool, accelerator=None):
-    """Tokenizer and ActorCritic for cfg.peft.method; the SFT adapter (if the policy is one) is merged first."""
+def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: bool = False):
+    """Tokenizer and ActorCritic for cfg.peft.method; the SFT adapter (if the policy is one) is merged first.
+    In full mode the trainable policy and critic load in float32 when the compute dtype is bf16/fp16
+    (master weights: an AdamW step on bf16 weights rounds most small updates away) and run under
+    autocast; the frozen reference stays in the compute dtype. `reward_given`: the reward is an object
+    passed to `main`, so `critic_init: auto` does not look for a reward model at reward.spec."""
     from policies import actor_critic, models
 
     out = Path(cfg.output_dir)
@@ -353,11 +372,15 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None):
             path = _merged_policy_base(path, out / "policy_base", is_main)
     tokenizer = models.load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
-    from_reward = cfg.ppo.critic_init == "reward"
-    rm_info = _reward_model_info(cfg.reward.spec, cfg.peft.method, path) if from_reward else None
+    rm_info = _critic_source(cfg, path, is_main, reward_given)
+    from_reward = rm_info is not None
     if cfg.peft.method == "full":
-        policy, reference = (models.load_causal_lm(path, cfg.model, "full") for _ in range(2))
-        critic = _load_reward_body(cfg.reward.spec) if from_reward else models.load_causal_lm(path, cfg.model, "full")
+        # DeepSpeed's bf16 optimizer keeps its own float32 master copy: the weights may stay in bf16 there
+        master = accelerator is None or accelerator.state.deepspeed_plugin is None
+        policy = models.load_causal_lm(path, cfg.model, "full", master_weights=master)
+        reference = models.load_causal_lm(path, cfg.model, "full")
+        critic = (_load_reward_body(cfg.reward.spec, policy.dtype) if from_reward
+                  else models.load_causal_lm(path, cfg.model, "full", master_weights=master))
         ac = actor_critic.build_full(policy, critic, reference)
     else:
         base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
@@ -366,6 +389,23 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None):
     if from_reward:
         _init_critic_from_reward(ac, cfg.reward.spec, rm_info)
     return tokenizer, ac, path
+
+
+def _critic_source(cfg: PPOConfig, policy_path: str, is_main: bool, reward_given: bool) -> dict | None:
+    """The reward model's info when the critic starts from it, else None (critic from the policy)."""
+    if cfg.ppo.critic_init == "policy" or (cfg.ppo.critic_init == "auto" and reward_given):
+        return None
+    if cfg.ppo.critic_init == "reward":
+        return _reward_model_info(cfg.reward.spec, cfg.peft.method, policy_path)
+    try:
+        info = _reward_model_info(cfg.reward.spec, cfg.peft.method, policy_path)
+    except UserError as e:
+        if is_main:
+            print(f"ppo.critic_init=auto: the critic starts from the policy; the reward model does not fit ({e})")
+        return None
+    if is_main:
+        print(f"ppo.critic_init=auto: the critic starts from the reward model {cfg.reward.spec}")
+    return info
 
 
 def _reward_model_info(spec: str, method: str, policy_path: str) -> dict:
@@ -397,10 +437,10 @@ def _reward_lora_config(spec: str):
                            target_modules=rm.target_modules, use_rslora=rm.use_rslora, use_dora=rm.use_dora)
 
 
-def _load_reward_body(spec: str):
+def _load_reward_body(spec: str, dtype: torch.dtype):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True)
+    return AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True, dtype=dtype)
 
 
 def _init_critic_from_reward(ac, spec: str, info: dict) -> None:
@@ -481,36 +521,75 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
     """logits (B, A + 1, V) of the last A + 1 positions (the model called with logits_to_keep=A + 1)
-    -> logprobs of the response tokens (B, A) at the sampling temperature."""
-    return core.logprobs_from_logits(logits[:, :-1] / temperature, responses)
+    -> logprobs of the response tokens (B, A) at the sampling temperature (divided after the upcast)."""
+    return core.logprobs_from_logits(logits[:, :-1], responses, temperature)
+
+
+def sampling_config(temperature: float, top_p: float, max_new_tokens: int, stop_id, pad_id):
+    """A GenerationConfig built only from our options (temperature 0: greedy). Nothing of the model's
+    own `generation_config.json` may reach sampling: a `repetition_penalty` or `top_k` an instruct
+    model ships would change the distribution sampled from, but not the one the trainer scores, and the
+    KL and the ratio would be off-policy (measured: a 1.3 penalty moved logprobs by 2e-3)."""
+    from transformers import GenerationConfig
+
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    return GenerationConfig(**sample, max_new_tokens=max_new_tokens, eos_token_id=stop_id, pad_token_id=pad_id,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
+
+
+@contextmanager
+def own_generation_config(model, gen_config):
+    """`model.generate` fills every option left unset from the model's own generation config
+    (transformers 5), so that config is swapped for ours for the call, not merely overridden."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformer
+    saved = inner.generation_config
+    inner.generation_config = gen_config
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @torch.no_grad()
+def sample(model, query_ids, query_mask, gen_config, with_logprobs: bool = False):
+    """Responses (B, A <= max_new_tokens) sampled with `gen_config` only; with `with_logprobs`, also the
+    logprobs (B, A) of the sampled tokens under the distribution they were drawn from (tests compare
+    them with the trainer's)."""
+    with own_generation_config(model, gen_config):
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
+                             output_scores=with_logprobs, return_dict_in_generate=True)
+    responses = out.sequences[:, query_ids.shape[1]:]
+    if not with_logprobs:
+        return responses
+    scores = torch.stack(out.scores, 1).float()  # (B, A, V): the processed logits sampling drew from
+    return responses, torch.log_softmax(scores, -1).gather(-1, responses[..., None])[..., 0]
+
+
 def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_id):
-    """Sample responses (B, A), padded to max_new_tokens."""
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=p.temperature,
-                         top_p=p.top_p, top_k=0, max_new_tokens=p.max_new_tokens, eos_token_id=stop_id,
-                         pad_token_id=pad_id, use_cache=True)
-    responses = out[:, query_ids.shape[1]:]
-    if responses.shape[1] < p.max_new_tokens:  # every row stopped early
-        pad = responses.new_full((responses.shape[0], p.max_new_tokens - responses.shape[1]), pad_id)
-        responses = torch.cat([responses, pad], dim=1)
-    return responses
+    """PPO's rollout sampling: responses (B, A <= max_new_tokens)."""
+    return sample(model, query_ids, query_mask,
+                  sampling_config(p.temperature, p.top_p, p.max_new_tokens, stop_id, pad_id))
 
 
 @torch.no_grad()
-def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk):
-    """Policy and reference logprobs and critic values (each (B, A)), `chunk` rows at a time."""
-    lp, ref_lp, vals = [], [], []
+def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False):
+    """Policy and reference logprobs and critic values (each (B, A)), `chunk` rows at a time, and with
+    `entropy` the policy's entropy per token (B, A) (else None): measured here, once per rollout, rather
+    than in every training forward, where it would cost a softmax over (B, A, V) per micro-batch."""
+    lp, ref_lp, vals, ent = [], [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
         keep = responses.shape[1] + 1
         logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep)
         lp.append(response_logprobs(logits, responses[s], temperature))
+        if entropy:
+            ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
         vals.append(values[:, prompt_len - 1:-1].float())
+        del logits
         ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
         ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
-    return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals)
+    return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals), (torch.cat(ent) if entropy else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,18 +598,27 @@ def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chun
 
 def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyperparameters, sizes: BatchSizes,
                generator: torch.Generator) -> dict[str, float]:
-    """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss. Each micro-batch's loss
-    is weighted by its share of the mini-batch's response tokens, so gradient accumulation gives the
-    same update as one big batch (token-level mean over the mini-batch)."""
+    """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss: a token-level mean over
+    the mini-batch of all processes. Each micro-batch's loss is weighted by its share of those tokens, so
+    gradient accumulation and the number of processes give the same update as one big batch (a process
+    with longer responses weighs more; DDP and DeepSpeed average gradients over processes, hence x world).
+    The policy's and the critic's gradients are clipped separately (`max_grad_norm`, `critic_max_grad_norm`)."""
     ids, mask, pos = r.sequences
     P = r.query_ids.shape[1]
-    stats: dict[str, list[float]] = {}
+    groups = accelerator.unwrap_model(model).parameter_groups()
+    clip = {"policy": cfg.max_grad_norm,
+            "critic": cfg.max_grad_norm if cfg.critic_max_grad_norm is None else cfg.critic_max_grad_norm}
+    deepspeed = accelerator.state.deepspeed_plugin is not None  # its engine clips (gradient_clipping)
+    stats: dict[str, list[torch.Tensor]] = {}
     model.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(sizes.local_rollout, generator=generator)
         for start in range(0, sizes.local_rollout, sizes.local_mini_batch):
             mb = order[start:start + sizes.local_mini_batch]
-            mb_tokens = r.response_mask[mb].sum().clamp(min=1)
+            mb_tokens = r.response_mask[mb].sum()
+            if sizes.world > 1:
+                mb_tokens = accelerator.reduce(mb_tokens, "sum")
+            mb_tokens = mb_tokens.clamp(min=1)
             for m0 in range(0, sizes.local_mini_batch, sizes.micro_batch):
                 i = mb[m0:m0 + sizes.micro_batch]
                 rmask = r.response_mask[i]
@@ -540,26 +628,46 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                     new_values = values[:, P - 1:-1].float()
                     pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
                     vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask, cfg.cliprange_value)
-                    # entropy of the sampling distribution (at the temperature): a bonus when entropy_coef > 0,
-                    # else only a metric, kept out of the graph (a softmax over (B, A, V) saved for backward)
-                    with torch.set_grad_enabled(cfg.entropy_coef != 0):
-                        entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1] / cfg.temperature), rmask)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.entropy_coef:  # the bonus only: the entropy metric is measured once, in the rollout
+                        entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1], cfg.temperature), rmask)
+                        loss = loss - cfg.entropy_coef * entropy
                     # accelerate divides by gradient_accumulation_steps; re-weight by token share instead.
-                    weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps
+                    weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps * sizes.world
                     accelerator.backward(loss * weight)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if accelerator.sync_gradients and not deepspeed:
+                        for name, params in groups.items():
+                            if clip[name]:
+                                norm = accelerator.clip_grad_norm_(params, clip[name])
+                                stats.setdefault(f"{'policy' if name == 'policy' else 'val'}/grad_norm",
+                                                 []).append(norm.detach())
                     optimizer.step()
                     if accelerator.sync_gradients:  # not prepared by accelerate, which would step it
                         scheduler.step()            # once per process
                     optimizer.zero_grad()
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg["clipfrac"],
                              "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"],
-                             "val/clipfrac": vf["clipfrac"], "policy/entropy": entropy}.items():
-                    stats.setdefault(k, []).append(float(v.detach()))
+                             "val/clipfrac": vf["clipfrac"]}.items():
+                    stats.setdefault(k, []).append(v.detach().float())
     model.eval()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    # one device-to-host copy for the whole update, not one per statistic per micro-batch
+    names = list(stats)
+    means = torch.stack([torch.stack(stats[k]).float().mean() for k in names]).tolist()
+    return dict(zip(names, means))
+
+
+def _reward_normalization(setting: str, reward, is_main: bool) -> str:
+    """`none`, `running` or `model`: what `ppo.reward_normalization` resolves to for this reward."""
+    stored = getattr(reward, "normalization", None)
+    if setting == "auto":
+        setting = "model" if stored is not None else "running"
+        if is_main:
+            print(f"ppo.reward_normalization=auto: {setting} (" + ("the reward's stored mean and std" if stored
+                  else "the reward stores no statistics; running mean and std of this run") + ")")
+    elif setting == "model" and stored is None:
+        raise UserError("ppo.reward_normalization=model: the reward stores no normalisation statistics (a "
+                        "function, or a model trained elsewhere); use `running`, `none` or `auto`")
+    return setting
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,9 +747,13 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
 
     from rlhf.distributed import make_accelerator
 
+    from policies.models import torch_dtype
+
     check(cfg)
     p, out = cfg.ppo, Path(cfg.output_dir)
-    accelerator = make_accelerator(p.gradient_accumulation_steps)
+    # bf16 compute runs under autocast over float32 master weights (full) or adapters (LoRA)
+    accelerator = make_accelerator(p.gradient_accumulation_steps, cpu_threads=cfg.cpu_threads,
+                                   mixed_precision="bf16" if torch_dtype(cfg.model) == torch.bfloat16 else "no")
     sizes = batch_sizes(p, accelerator.num_processes)
     resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
     prompts = load_prompts(cfg.data)
@@ -649,21 +761,27 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts} = {p.per_device_rollout_batch_size} / ppo.samples_per_prompt "
                         f"{p.samples_per_prompt} x {sizes.world} processes)")
+    reward_given = reward is not None
     if reward is None:
         from reward.interface import load_reward
 
         with unpartitioned(accelerator):  # a frozen scorer: whole on every process
             reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                                  batch_size=cfg.reward.batch_size, device=accelerator.device)
-    tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process, accelerator)
+    tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process, accelerator,
+                                            reward_given=reward_given)
     stop_id = None if p.stop_token is None else (
         tokenizer.eos_token_id if p.stop_token == "eos" else tokenizer.convert_tokens_to_ids(p.stop_token))
     if stop_id is not None and stop_id == tokenizer.pad_token_id:
         raise UserError("ppo.stop_token must differ from the PAD token")
 
-    params = [q for q in ac.parameters() if q.requires_grad]
-    trainable = sum(getattr(q, "ds_numel", q.numel()) for q in params)  # ZeRO-3 shards hold 0 elements here
-    optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay, eps=1e-5)
+    normalization = _reward_normalization(p.reward_normalization, reward, accelerator.is_main_process)
+    groups = ac.parameter_groups()  # {"policy": [...], "critic": [...]}, trainable only
+    trainable = sum(getattr(q, "ds_numel", q.numel()) for g in groups.values() for q in g)  # ZeRO-3: 0 local
+    critic_lr = p.learning_rate if p.critic_learning_rate is None else p.critic_learning_rate
+    optimizer = torch.optim.AdamW([{"params": groups["policy"], "lr": p.learning_rate},
+                                   {"params": groups["critic"], "lr": critic_lr}],
+                                  weight_decay=p.weight_decay, eps=1e-5)
     warmup = int(p.warmup_steps * sizes.optimizer_steps) if p.warmup_steps < 1 else int(p.warmup_steps)
     scheduler = transformers.get_scheduler(p.lr_scheduler_type, optimizer, warmup, sizes.optimizer_steps)
     if accelerator.state.deepspeed_plugin is not None:
@@ -671,6 +789,9 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         ds["train_micro_batch_size_per_gpu"] = sizes.micro_batch
         ds["gradient_accumulation_steps"] = p.gradient_accumulation_steps
         ds["gradient_clipping"] = p.max_grad_norm
+        if p.critic_max_grad_norm not in (None, p.max_grad_norm) and accelerator.is_main_process:
+            warnings.warn("under DeepSpeed the engine clips all gradients together at ppo.max_grad_norm; "
+                          "ppo.critic_max_grad_norm is not applied")
     model, optimizer = accelerator.prepare(ac, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -711,6 +832,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             unwrapped.eval()
 
     rank = accelerator.process_index
+    sum_over_processes = (lambda t: accelerator.reduce(t, "sum")) if sizes.world > 1 else None  # noqa: E731
     eos_history: list[float] = []
     bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
                disable=not accelerator.is_main_process)
@@ -727,34 +849,41 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         query_ids, query_mask = left_pad(encode_prompts(tokenizer, batch_prompts, p.max_prompt_length),
                                          tokenizer.pad_token_id)
         query_ids, query_mask = query_ids.to(accelerator.device), query_mask.to(accelerator.device)
-        with _generation_context(model, accelerator) as gen_model:
+        with _generation_context(model, accelerator) as gen_model, accelerator.autocast():
             responses = generate(gen_model.generation_model(), query_ids, query_mask, p, stop_id,
                                  tokenizer.pad_token_id)
         if stop_id is not None:
             responses, response_mask = core.truncate_after_stop_token(responses, stop_id, tokenizer.pad_token_id)
         else:
             response_mask = responses != tokenizer.pad_token_id
+        # every later forward runs at prompt + the longest real response, not prompt + max_new_tokens
+        longest = max(int(response_mask.sum(-1).max()), 1)
+        responses, response_mask = responses[:, :longest], response_mask[:, :longest]
         contains_eos = (responses == stop_id).any(-1) if stop_id is not None else torch.ones_like(response_mask[:, 0])
         t_gen = time.perf_counter()
 
         # 2. logprobs and values of the sampled responses
         ids = torch.cat([query_ids, responses], 1)
         mask = torch.cat([query_mask, response_mask.long()], 1)
-        logprobs, ref_logprobs, values = forward_rollout(model, ids, mask, position_ids(mask), responses,
-                                                         query_ids.shape[1], p.temperature, sizes.forward)
+        logprobs, ref_logprobs, values, entropy = forward_rollout(
+            model, ids, mask, position_ids(mask), responses, query_ids.shape[1], p.temperature, sizes.forward,
+            entropy=True)
         t_fwd = time.perf_counter()
 
         # 3. score
         texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         raw = torch.as_tensor(reward.score(batch_prompts, texts), dtype=torch.float32).to(accelerator.device)
-        scores = reward.score(batch_prompts, texts, normalize=True).float().to(accelerator.device) \
-            if p.reward_normalization == "model" else raw.clone()
+        if normalization == "model":  # the stored statistics applied to the one scoring pass
+            mean, std = reward.normalization
+            scores = (raw - mean) / std
+        else:
+            scores = raw.clone()
         nan = ~torch.isfinite(scores)
         if nan.any():
             warnings.warn(f"step {step}: {int(nan.sum())} reward(s) are NaN/inf; they count as 0 this step")
             scores = scores.masked_fill(nan, 0.0)
-        if p.reward_normalization == "running":
+        if normalization == "running":
             moments.update(accelerator.gather(scores))
             scores = (scores - moments.mean) / max(moments.std, 1e-8)
         if p.reward_clip is not None:
@@ -768,8 +897,8 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
                     values, scores, raw, kl)
         r.rewards = core.per_token_rewards(scores, kl, response_mask, kl_ctl.value)
         r.advantages, r.returns = core.gae(r.rewards, values, response_mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            r.advantages = core.masked_whiten(r.advantages, response_mask)
+        if p.whiten_advantages:  # over the global batch (N+ details), not each process's slice
+            r.advantages = core.masked_whiten(r.advantages, response_mask, all_reduce=sum_over_processes)
 
         # 6. update
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, r, p,
@@ -796,8 +925,10 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             "policy/advantages_std": g(core.masked_var(r.advantages, response_mask).sqrt()),
             "response/length": g(response_mask.sum(-1)),
             "response/eos_rate": g(contains_eos.float()),
+            "policy/entropy": g(core.masked_mean(entropy, response_mask)),
             **{k: g(torch.tensor(v)) for k, v in train_stats.items()},
             "lr": scheduler.get_last_lr()[0],
+            "lr_critic": scheduler.get_last_lr()[1],
             "time/generate": t_gen - t0,
             "time/forward": t_fwd - t_gen,
             "time/score": t_score - t_fwd,

@@ -115,7 +115,7 @@ def _run(tmp_path, policy, *args, reward=None):
 def test_kl_coef_and_kl_estimator(tmp_path, sft_policy):
     h0 = _run(tmp_path / "a", sft_policy, "--ppo.kl_coef", "0")
     assert all(m["objective/non_score_reward"] == 0 for m in h0)
-    assert all(m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"]) for m in h0)
+    assert all(m["objective/rlhf_reward"] == pytest.approx(m["objective/scores_normalized"]) for m in h0)
     h1 = _run(tmp_path / "b", sft_policy, "--ppo.kl_coef", "0.5", "--ppo.kl_estimator", "k2")
     # k2 = (log p - log q)^2 / 2 >= 0 per token, so the penalty can only lower the reward
     assert all(m["objective/kl"] >= 0 and m["objective/non_score_reward"] <= 0 for m in h1)
@@ -132,13 +132,14 @@ def test_adaptive_kl_moves_the_coefficient(tmp_path, sft_policy):
 
 def test_reward_normalisation_clip_and_eos_penalty(tmp_path, sft_policy):
     h = _run(tmp_path / "a", sft_policy, "--ppo.reward_normalization", "running")
-    assert abs(h[0]["objective/scores_normalized"]) < 1e-5  # first batch: its own mean is subtracted
+    # first batch: its own mean is subtracted; then the default missing-EOS penalty (1.0) is paid
+    assert h[0]["objective/scores_normalized"] == pytest.approx(-(1 - h[0]["response/eos_rate"]), abs=1e-5)
     h = _run(tmp_path / "b", sft_policy, "--ppo.reward_clip", "0.05")
     assert all(m["objective/scores_normalized"] <= 0.05 + 1e-6 for m in h)
     assert any(m["objective/scores"] > 0.05 for m in h)
-    # One token per response: nothing ends with EOS, so every score pays the penalty.
     # One token per response: most cannot end with EOS, and those pay the penalty.
-    h = _run(tmp_path / "c", sft_policy, "--ppo.max_new_tokens", "1", "--ppo.missing_eos_penalty", "2.0")
+    h = _run(tmp_path / "c", sft_policy, "--ppo.max_new_tokens", "1", "--ppo.missing_eos_penalty", "2.0",
+             "--ppo.reward_normalization", "none")
     for m in h:
         assert m["response/eos_rate"] < 0.9 and m["response/length"] == 1
         expected = m["objective/scores"] - 2.0 * (1 - m["response/eos_rate"])
@@ -291,7 +292,7 @@ def test_rollout_logprobs_match_a_full_forward(tmp_path, sft_policy, method):
     with torch.no_grad():
         for p in ac.value_head.parameters():  # not all-zero, so values are checked too
             p.add_(0.1)
-        lp, ref_lp, values = ppo.forward_rollout(ac, ids, mask, pos, resp, q.shape[1], 0.7, chunk=2)
+        lp, ref_lp, values, _ = ppo.forward_rollout(ac, ids, mask, pos, resp, q.shape[1], 0.7, chunk=2)
         plain = load_causal_lm(path, cfg.model, "full").eval()
         full = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, q.shape[1] - 1:-1] / 0.7
         expected = torch.log_softmax(full.float(), -1).gather(-1, resp[..., None])[..., 0]
