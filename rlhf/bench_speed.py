@@ -319,6 +319,7 @@ def run_trl_ppo(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
                 "`bash rlhf/peers/setup_trl_ppo.sh` (or pass --trl_ppo_python PATH)"}
     if not Path(python).exists():
         raise UserError(f"trl_ppo_python: '{python}' does not exist")
+    python = os.path.abspath(python)  # the peer runs in its own folder; not resolved: a venv's python is a link
     spec = {"policy": m["policy"], "reward_model": m["reward"], "prompts": m["prompt_ids"],
             "batch_size": cfg.batch_size, "response_length": cfg.response_length, "steps": cfg.steps,
             "warmup_steps": cfg.warmup_steps, "ppo_epochs": cfg.ppo_epochs, "num_mini_batches": cfg.num_mini_batches,

@@ -618,7 +618,6 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
             mb_tokens = r.response_mask[mb].sum()
             if sizes.world > 1:
                 mb_tokens = accelerator.reduce(mb_tokens, "sum")
-            mb_tokens = mb_tokens.clamp(min=1)
             for m0 in range(0, sizes.local_mini_batch, sizes.micro_batch):
                 i = mb[m0:m0 + sizes.micro_batch]
                 rmask = r.response_mask[i]
@@ -633,7 +632,8 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                         entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1], cfg.temperature), rmask)
                         loss = loss - cfg.entropy_coef * entropy
                     # accelerate divides by gradient_accumulation_steps; re-weight by token share instead.
-                    weight = rmask.sum() / mb_tokens * cfg.gradient_accumulation_steps * sizes.world
+                    weight = core.token_share_weight(rmask.sum(), mb_tokens, cfg.gradient_accumulation_steps,
+                                                     sizes.world)
                     accelerator.backward(loss * weight)
                     if accelerator.sync_gradients and not deepspeed:
                         for name, params in groups.items():

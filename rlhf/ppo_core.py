@@ -100,6 +100,16 @@ def global_masked_moments(x: torch.Tensor, mask: torch.Tensor, all_reduce: Calla
     return mean, sq / (n - 1).clamp_min(1)
 
 
+def token_share_weight(tokens_here: torch.Tensor, tokens_all: torch.Tensor, grad_accum: int = 1,
+                       world: int = 1) -> torch.Tensor:
+    """Weight of a micro-batch's token-mean loss so that the accumulated, process-averaged gradient is
+    the token mean over the whole mini-batch of every process: its share of all the mini-batch's
+    response tokens, times the gradient-accumulation steps and the processes that accelerate/DDP
+    divide by. Without it, a process (or micro-batch) with short responses weighs as much as one with
+    long ones (the N+ details' token-level loss)."""
+    return tokens_here / tokens_all.clamp_min(1) * grad_accum * world
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities and entropy from logits
 # ---------------------------------------------------------------------------------------------

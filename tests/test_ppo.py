@@ -2,6 +2,7 @@
 the metrics, gradient accumulation does not change the update, prompts load from every source."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +246,11 @@ def test_learning_rate_schedule(tmp_path, sft_policy):
     assert lrs[0] < 3e-3 and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
 
 
+def tensor_of(directory, suffix):
+    weights = {k: v for f in Path(directory).glob("*.safetensors") for k, v in load_file(f).items()}
+    return next(v for k, v in weights.items() if k.endswith(suffix))
+
+
 def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
     from accelerate import PartialState
 
@@ -256,7 +262,7 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
         "--config", str(REPO / "configs" / "reward_tiny.yaml"), "--model.name_or_path", sft_policy,
         "--output_dir", str(rm_dir), "--train.max_steps", "10", "--train.eval_steps", "10", "--peft.method", "lora",
         "--train.learning_rate", "3e-3"], "t"))
-    cfg = ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--ppo.critic_init", "reward")
+    cfg = ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir))  # critic_init: auto finds it fits
     PartialState()
     tokenizer, ac, _ = ppo.build_models(cfg, True)
     prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -269,6 +275,10 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
             values = ac.values(ids, mask, ppo.position_ids(mask))
         assert values[0, -1].item() == pytest.approx(want.item(), abs=1e-4)  # critic starts as the reward model
 
+    # auto falls back to the policy where the reward model does not fit; `reward` insists
+    _, ac, _ = ppo.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full"),
+                                True)
+    assert not torch.equal(ac.value_head.summary.weight, tensor_of(rm_dir, "score.weight"))
     with pytest.raises(UserError, match="needs a fully fine-tuned reward model"):
         ppo.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full",
                                     "--ppo.critic_init", "reward"), True)
