@@ -288,7 +288,8 @@ def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, ou
         ppo=ppo.PPOHyperparameters(steps=cfg.ppo_steps, per_device_rollout_batch_size=cfg.rollout_batch,
                                    num_mini_batches=2, ppo_epochs=4, learning_rate=cfg.learning_rate,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
-                                   reward_normalization="model"),
+                                   reward_normalization="model",
+                                   missing_eos_penalty=None),  # the setting the README's figures were measured with
         output_dir=str(out / "ppo"), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
         reward=proxy, on_step=on_step)
     return evals

@@ -84,6 +84,11 @@ class BenchSpeedConfig:
     """Mini-batches per epoch (ours and TRL PPO)."""
     rloo_k: int = 2
     """RLOO samples per prompt."""
+    logprobs_from_generation: bool = False
+    """Ours: the rollout's policy logprobs recorded during generation, no policy forward pass (what TRL
+    1.12's PPO does; see `ppo.logprobs_from_generation`)."""
+    cpu_threads: Optional[int] = None
+    """Intra-op threads of our run on a CPU (None: the cores this process may use)."""
     trainers: list[str] = field(default_factory=lambda: list(TRAINERS))
     """Which to measure, of `ours`, `trl_rloo`, `trl_ppo`."""
     trl_ppo_python: Optional[str] = None
@@ -220,19 +225,20 @@ def _summary(times: list[dict], tokens_per_iter: float, peak_gb: float) -> dict:
 
 
 def iteration_flops(n_matmul: int, n_head: int, batch: int, prompt_len: int, response_len: int, epochs: int,
-                    peft: str) -> dict[str, float]:
+                    peft: str, policy_forward: bool = True) -> dict[str, float]:
     """Model FLOPs of one of our PPO iterations, by phase: 2 per weight per token for a forward pass,
     twice that for a backward pass with weight gradients (full) or once that without (LoRA: input
     gradients only). `n_matmul`: weights used in matmuls (input embeddings excluded), `n_head`: those of
     the LM head (the critic and the reward model have a scalar head instead). Attention-score FLOPs are
     left out. Counted: generation (prefill + decode), policy/critic/reference forwards, the reward model's
-    forward, and per epoch the policy and critic forward + backward."""
+    forward, and per epoch the policy and critic forward + backward. `policy_forward=False`: the
+    rollout's policy logprobs come from generation (no policy pass in the forward phase)."""
     T = prompt_len + response_len
     trunk = n_matmul - n_head
     backward = 4 if peft == "full" else 2
     return {
         "generate": 2.0 * n_matmul * batch * T,
-        "forward": 2.0 * batch * T * (n_matmul + trunk + n_matmul),
+        "forward": 2.0 * batch * T * ((n_matmul if policy_forward else 0) + trunk + n_matmul),
         "score": 2.0 * batch * T * trunk,
         "train": epochs * (2.0 + backward) * batch * T * (n_matmul + trunk),
     }
@@ -279,8 +285,10 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
         ppo=ppo.PPOHyperparameters(steps=cfg.warmup_steps + cfg.steps, per_device_rollout_batch_size=cfg.batch_size,
                                    num_mini_batches=cfg.num_mini_batches, ppo_epochs=cfg.ppo_epochs, learning_rate=1e-6,
                                    temperature=1.0, max_new_tokens=cfg.response_length,
-                                   max_prompt_length=cfg.prompt_length, stop_token=None),
-        output_dir=str(out / "ours"), seed=cfg.seed, sample_every=0), reward=reward, save=False)
+                                   max_prompt_length=cfg.prompt_length, stop_token=None,
+                                   logprobs_from_generation=cfg.logprobs_from_generation),
+        output_dir=str(out / "ours"), seed=cfg.seed, sample_every=0, cpu_threads=cfg.cpu_threads),
+        reward=reward, save=False)
     timed = history[cfg.warmup_steps:]
     times = [{"generate": h["time/generate"], "forward": h["time/forward"], "score": h["time/score"],
               "train": h["time/train"], "total": h["time/step"]} for h in timed]
@@ -288,7 +296,7 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
     result = {"trainer": "rlhf PPO (ours)", **_summary(times, tokens, max(h["memory/peak_gb"] for h in history))}
     n_matmul, n_head = matmul_params(m["config"], m["n_params"])
     flops = iteration_flops(n_matmul, n_head, cfg.batch_size, cfg.prompt_length, cfg.response_length,
-                            cfg.ppo_epochs, cfg.peft)
+                            cfg.ppo_epochs, cfg.peft, not cfg.logprobs_from_generation)
     result["model_flops_per_iteration"] = sum(flops.values())
     result["achieved_flops_per_second"] = sum(flops.values()) / result["time"]["total"]
     return result

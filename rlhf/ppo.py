@@ -161,6 +161,12 @@ class PPOHyperparameters:
     """Entropy bonus weight (0: none)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    logprobs_from_generation: bool = False
+    """Take the rollout's policy logprobs from generation (recorded as tokens are sampled) instead of a
+    second forward pass: one of the three rollout passes saved (TRL 1.12's PPO does this). The cost:
+    incremental decoding and a full forward round differently (about 1e-6 in float32, 1e-2 in bf16), so
+    the first epoch's ratio is not exactly 1 and the KL to the reference (a full forward) picks up that
+    noise; off by default. The `policy/entropy` metric is not measured then."""
     forward_batch_size: Optional[int] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
     critic_init: Literal["auto", "policy", "reward"] = "auto"
@@ -551,45 +557,76 @@ def own_generation_config(model, gen_config):
         inner.generation_config = saved
 
 
+class TokenLogprobRecorder:
+    """A logits processor that keeps log softmax(logits / T) of each token `generate` samples: the
+    policy logprobs of a rollout without a second forward pass. transformers runs it before its own
+    temperature warper, on the float32 copy of the model's logits, so it divides after the upcast as
+    the trainer does. Memory: one (B, V) row per decoding step, not the (B, A, V) of `output_scores`."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
+        self.logprobs: list[torch.Tensor] = []  # A x (B,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:  # the token sampled at the previous step is now the last input
+            self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self.pending.gather(-1, tokens[:, None])[:, 0])
+        self.pending = None
+
+    def finish(self, responses: torch.Tensor) -> torch.Tensor:
+        """(B, A) logprobs of `responses` (B, A), the tokens generate returned."""
+        if self.pending is not None:
+            self._take(responses[:, len(self.logprobs)])
+        return torch.stack(self.logprobs, 1)
+
+
 @torch.no_grad()
 def sample(model, query_ids, query_mask, gen_config, with_logprobs: bool = False):
     """Responses (B, A <= max_new_tokens) sampled with `gen_config` only; with `with_logprobs`, also the
-    logprobs (B, A) of the sampled tokens under the distribution they were drawn from (tests compare
-    them with the trainer's)."""
+    logprobs (B, A) of the sampled tokens at the sampling temperature (untruncated by top_p, as the
+    trainer computes them)."""
+    from transformers import LogitsProcessorList
+
+    recorder = TokenLogprobRecorder(gen_config.temperature if gen_config.do_sample else 1.0)
     with own_generation_config(model, gen_config):
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
-                             output_scores=with_logprobs, return_dict_in_generate=True)
-    responses = out.sequences[:, query_ids.shape[1]:]
-    if not with_logprobs:
-        return responses
-    scores = torch.stack(out.scores, 1).float()  # (B, A, V): the processed logits sampling drew from
-    return responses, torch.log_softmax(scores, -1).gather(-1, responses[..., None])[..., 0]
+                             logits_processor=LogitsProcessorList([recorder] if with_logprobs else []))
+    responses = out[:, query_ids.shape[1]:]
+    return (responses, recorder.finish(responses)) if with_logprobs else responses
 
 
-def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_id):
-    """PPO's rollout sampling: responses (B, A <= max_new_tokens)."""
+def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_id, with_logprobs: bool = False):
+    """PPO's rollout sampling: responses (B, A <= max_new_tokens) (and their logprobs (B, A))."""
     return sample(model, query_ids, query_mask,
-                  sampling_config(p.temperature, p.top_p, p.max_new_tokens, stop_id, pad_id))
+                  sampling_config(p.temperature, p.top_p, p.max_new_tokens, stop_id, pad_id), with_logprobs)
 
 
 @torch.no_grad()
-def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False):
+def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False,
+                    policy: bool = True):
     """Policy and reference logprobs and critic values (each (B, A)), `chunk` rows at a time, and with
     `entropy` the policy's entropy per token (B, A) (else None): measured here, once per rollout, rather
-    than in every training forward, where it would cost a softmax over (B, A, V) per micro-batch."""
+    than in every training forward, where it would cost a softmax over (B, A, V) per micro-batch.
+    `policy=False`: the policy's logprobs came from generation; no policy pass (logprobs and entropy None)."""
     lp, ref_lp, vals, ent = [], [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
         keep = responses.shape[1] + 1
-        logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep)
-        lp.append(response_logprobs(logits, responses[s], temperature))
-        if entropy:
+        logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
+        if policy:
+            lp.append(response_logprobs(logits, responses[s], temperature))
+        if entropy and policy:
             ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
         vals.append(values[:, prompt_len - 1:-1].float())
         del logits
         ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
         ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
-    return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals), (torch.cat(ent) if entropy else None)
+    return (torch.cat(lp) if policy else None), torch.cat(ref_lp), torch.cat(vals), (torch.cat(ent) if ent else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,7 +888,9 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         query_ids, query_mask = query_ids.to(accelerator.device), query_mask.to(accelerator.device)
         with _generation_context(model, accelerator) as gen_model, accelerator.autocast():
             responses = generate(gen_model.generation_model(), query_ids, query_mask, p, stop_id,
-                                 tokenizer.pad_token_id)
+                                 tokenizer.pad_token_id, with_logprobs=p.logprobs_from_generation)
+        if p.logprobs_from_generation:
+            responses, sampled_logprobs = responses
         if stop_id is not None:
             responses, response_mask = core.truncate_after_stop_token(responses, stop_id, tokenizer.pad_token_id)
         else:
@@ -859,6 +898,8 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         # every later forward runs at prompt + the longest real response, not prompt + max_new_tokens
         longest = max(int(response_mask.sum(-1).max()), 1)
         responses, response_mask = responses[:, :longest], response_mask[:, :longest]
+        if p.logprobs_from_generation:
+            sampled_logprobs = sampled_logprobs[:, :longest].masked_fill(~response_mask, 0.0)
         contains_eos = (responses == stop_id).any(-1) if stop_id is not None else torch.ones_like(response_mask[:, 0])
         t_gen = time.perf_counter()
 
@@ -867,7 +908,9 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         mask = torch.cat([query_mask, response_mask.long()], 1)
         logprobs, ref_logprobs, values, entropy = forward_rollout(
             model, ids, mask, position_ids(mask), responses, query_ids.shape[1], p.temperature, sizes.forward,
-            entropy=True)
+            entropy=True, policy=not p.logprobs_from_generation)
+        if p.logprobs_from_generation:
+            logprobs = sampled_logprobs
         t_fwd = time.perf_counter()
 
         # 3. score
@@ -925,7 +968,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             "policy/advantages_std": g(core.masked_var(r.advantages, response_mask).sqrt()),
             "response/length": g(response_mask.sum(-1)),
             "response/eos_rate": g(contains_eos.float()),
-            "policy/entropy": g(core.masked_mean(entropy, response_mask)),
+            **({"policy/entropy": g(core.masked_mean(entropy, response_mask))} if entropy is not None else {}),
             **{k: g(torch.tensor(v)) for k, v in train_stats.items()},
             "lr": scheduler.get_last_lr()[0],
             "lr_critic": scheduler.get_last_lr()[1],

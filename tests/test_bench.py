@@ -73,6 +73,8 @@ def test_flop_count_by_hand():
     assert f["score"] == 2 * 2 * T * 60
     assert f["train"] == 2 * 4 * 2 * T * (100 + 60)
     assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "full")["train"] == 2 * 6 * 2 * T * 160
+    # policy logprobs recorded during generation: no policy pass in the rollout forward
+    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "lora", policy_forward=False)["forward"] == 2 * 2 * T * 160
 
 
 def test_matmul_params_of_a_real_model():

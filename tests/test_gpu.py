@@ -99,6 +99,26 @@ def test_ppo_bf16(tmp_path, sft_policy, monkeypatch):  # noqa: F811
     assert last > first, (first, last)
 
 
+def test_ppo_full_bf16_steps_float32_master_weights(tmp_path, sft_policy):  # noqa: F811
+    """Full fine-tuning in bf16 on the GPU (dtype auto): every trained weight moves at lr 1e-5, sampling
+    and scoring agree (KL >= 0 at the first step), the exported policy holds the float32 masters."""
+    from safetensors.torch import load_file
+
+    from rewards import DigitReward
+    from rlhf import ppo
+    from test_ppo import ppo_config
+
+    before = load_file(f"{sft_policy}/model.safetensors")
+    h = ppo.main(ppo_config(tmp_path, sft_policy, "--peft.method", "full", "--ppo.learning_rate", "1e-5",
+                            "--ppo.steps", "3"), reward=DigitReward())
+    assert abs(h[0]["objective/kl"]) < 1e-3
+    after = load_file(tmp_path / "ppo" / "policy" / "model.safetensors")
+    layers = [k for k in before if ".layers." in k]
+    changed = sum((after[k].float() != before[k].float()).sum().item() for k in layers)
+    assert after[layers[0]].dtype == torch.float32
+    assert changed / sum(before[k].numel() for k in layers) > 0.95
+
+
 @pytest.mark.parametrize("preset, method", [("zero2", "full"), ("zero3", "full"), ("zero3", "lora")])
 def test_sft_under_deepspeed_one_process(tmp_path, preset, method):
     """ZeRO-2/3 through the launch flag with one GPU process: bf16 DeepSpeed engine, the loss falls, and the

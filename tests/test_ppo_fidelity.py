@@ -243,3 +243,16 @@ def test_cpu_threads(monkeypatch):
             set_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_logprobs_from_generation_skip_the_policy_pass(tmp_path, sft_policy, monkeypatch):  # noqa: F811
+    passes = []
+    real = ppo.forward_rollout
+    monkeypatch.setattr(ppo, "forward_rollout", lambda *a, **kw: passes.append(kw["policy"]) or real(*a, **kw))
+    h = ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.logprobs_from_generation", "true", "--ppo.temperature", "0.7"),
+                 reward=DigitReward())
+    assert passes == [False, False]
+    # step 1: the policy is still the reference (LoRA B = 0), so the recorded decoding logprobs must
+    # equal the reference's full-forward ones up to float32 rounding, or the KL would show it
+    assert abs(h[0]["objective/kl"]) < 1e-4 and h[1]["objective/kl"] != 0
+    assert "policy/entropy" not in h[0]
