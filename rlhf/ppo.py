@@ -478,14 +478,13 @@ def _init_critic_from_reward(ac, spec: str, info: dict) -> None:
 def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool) -> str:
     """An SFT adapter becomes the PPO starting point by merging it into its base once (on disk, so
     QLoRA can load the merged weights in 4 bits and the saved PPO adapter names a real base)."""
-    from accelerate import PartialState
-
+    from rlhf.distributed import barrier
     from rlhf.merge import merge
 
     if is_main and not (out / "config.json").exists():
         shutil.rmtree(out, ignore_errors=True)
         merge(adapter_dir, str(out))
-    PartialState().wait_for_everyone()
+    barrier()  # torch's: accelerate's waits for nobody in a CPU DDP launch
     return str(out.resolve())
 
 
@@ -713,21 +712,26 @@ def _reward_normalization(setting: str, reward, is_main: bool) -> str:
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) -> None:
     """Write checkpoint-{step} atomically: everything goes to a temporary folder that is renamed
-    once complete (ppo_state.json, written last, marks it complete)."""
+    once complete (ppo_state.json, written last, marks it complete). Everything but the weights and the
+    optimizer state (safetensors, and a torch.save of tensors that resume checks) is JSON: the scheduler,
+    KL controller, reward statistics and step (the data position is a function of the step)."""
+    from rlhf.distributed import barrier  # torch's: accelerate's waits for nobody in a CPU DDP launch
+
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
-    accelerator.wait_for_everyone()
+    barrier()
     accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    checkpoints.save_rng_state(tmp, accelerator.process_index)  # JSON + safetensors, not accelerate's pickle
+    barrier()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints.complete_checkpoints(out, STATE_FILE)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    barrier()
 
 
 def export_models(accelerator, ac_wrapped, tokenizer, out: Path, base_path: str) -> None:
@@ -829,8 +833,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         if p.critic_max_grad_norm not in (None, p.max_grad_norm) and accelerator.is_main_process:
             warnings.warn("under DeepSpeed the engine clips all gradients together at ppo.max_grad_norm; "
                           "ppo.critic_max_grad_norm is not applied")
-    model, optimizer = accelerator.prepare(ac, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer = accelerator.prepare(ac, optimizer)  # the scheduler is saved as JSON (ppo_state.json)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
 
@@ -841,7 +844,9 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     start_step = 0
     if resume_from is not None:
         accelerator.load_state(resume_from)
+        checkpoints.load_rng_state(resume_from, accelerator.process_index)
         state = json.loads((Path(resume_from) / STATE_FILE).read_text())
+        scheduler.load_state_dict(state["scheduler"])
         start_step, history = state["step"], state["history"]
         kl_ctl.load_state_dict(state["kl_ctl"])
         moments.load_state_dict(state["reward_moments"])
@@ -998,6 +1003,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         if save and ((step + 1) % cfg.save_steps == 0 or step + 1 == p.steps):
             save_checkpoint(accelerator, out, step + 1,
                             {"step": step + 1, "history": history, "kl_ctl": kl_ctl.state_dict(),
+                             "scheduler": scheduler.state_dict(),
                              "reward_moments": moments.state_dict()}, cfg.save_total_limit)
 
     if save:

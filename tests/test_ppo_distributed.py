@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from rlhf.checkpoints import refuse_unsafe_pickles
 from rlhf.distributed import check_world_size
 from rlhf.errors import UserError
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
@@ -47,6 +48,9 @@ def test_two_process_ppo(tmp_path, sft_policy, kind, method):  # noqa: F811
     assert [m["step"] for m in history] == [1, 2, 3]
     assert all(0 <= m["objective/scores"] <= 1 and m["objective/kl"] > -1 for m in history)
     assert history[-1]["objective/kl"] != 0  # the policy moved away from the reference
+    # Its checkpoint (DeepSpeed's own files under ZeRO) holds nothing a resume would refuse as code.
+    refuse_unsafe_pickles(out / "checkpoint-3")
+    assert not list((out / "checkpoint-3").glob("*.pkl")) and (out / "checkpoint-3" / "rng_state_1.json").exists()
     # The exported policy is whole (ZeRO-3 gathered it) and loads on one process.
     x = torch.tensor([[3, 40, 41, 42]])
     with torch.no_grad():
