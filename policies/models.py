@@ -36,6 +36,22 @@ def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
     return str(out_dir)
 
 
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def refuse_pickle_weights(name_or_path: str, allow: bool, option: str = "model.allow_pickle_weights") -> None:
+    """A local model or adapter directory whose weights exist only as pickles is refused unless `allow`:
+    unpickling a file can run code (safetensors cannot). Hub ids are loaded with use_safetensors=True."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if allow or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern)})
+    if pickles:
+        raise ModelLoadError(f"'{name_or_path}' holds its weights only as pickles ({', '.join(pickles[:3])}), and "
+                             f"loading a pickle can run code; convert them to safetensors, or set {option}: true "
+                             "if you trust where they came from")
+
+
 def _check_exists(name_or_path: str) -> None:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
@@ -114,9 +130,10 @@ def load_causal_lm(name_or_path: str, cfg: ModelConfig, method: str = "full", *,
     from transformers import AutoModelForCausalLM
 
     _check_exists(name_or_path)
+    refuse_pickle_weights(name_or_path, cfg.allow_pickle_weights)
     dtype = master_dtype(cfg, deepspeed=False, method=method) if master_weights else torch_dtype(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                  use_safetensors=True)
+                  use_safetensors=None if cfg.allow_pickle_weights else True)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if method == "qlora":

@@ -300,7 +300,7 @@ def _classifier_info(model, info: dict | None) -> dict:
 def load_reward(spec: str, *, device=None, batch_size: int = 16, label: Union[str, int, None] = None,
                 kind: Literal["auto", "preference", "classifier", "function"] = "auto",
                 output: Literal["probability", "logit"] = "probability", max_length: int | None = None,
-                dtype: str | None = None) -> Reward:
+                dtype: str | None = None, allow_pickle_weights: bool = False) -> Reward:
     """The reward named by `spec`.
 
     spec: a directory written by `rlhf reward` (reward model) or `rlhf classifier` (classifier),
@@ -312,6 +312,7 @@ def load_reward(spec: str, *, device=None, batch_size: int = 16, label: Union[st
     output (classifiers): `probability` or `logit` of that label.
     max_length: tokens kept per scored sequence (None: the length it was trained with).
     dtype: weights dtype to load (`float32`, `bfloat16`, ...); None: as trained.
+    allow_pickle_weights: load a directory whose weights are only pickles (.bin); unpickling can run code.
     """
     if kind not in KINDS:
         raise RewardError(f"kind expects one of {', '.join(KINDS)}, got {kind!r}")
@@ -334,7 +335,7 @@ def load_reward(spec: str, *, device=None, batch_size: int = 16, label: Union[st
     if found == "preference" and label is not None:
         raise RewardError(f"label={label!r} applies to classifier rewards; '{spec}' is a reward model")
     device = torch.device(device) if device is not None else _default_device()
-    model, tokenizer, info = models.load_scorer(spec, device, dtype)
+    model, tokenizer, info = models.load_scorer(spec, device, dtype, allow_pickle_weights)
     length = max_length if max_length is not None else (info or {}).get("max_length")
     norm = (info or {}).get("normalization")
     if found == "preference":

@@ -120,10 +120,15 @@ def merged_base(name_or_path: str, out_dir: str | Path, cfg: ModelConfig) -> str
     stamp_file = out_dir / "merged_from.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return str(out_dir)
+    models.refuse_pickle_weights(str(path), cfg.allow_pickle_weights)  # the adapter
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base:
+        models.refuse_pickle_weights(base, cfg.allow_pickle_weights)
     try:
         with quiet_loading():
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=models.torch_dtype(cfg),
-                                                             trust_remote_code=cfg.trust_remote_code)
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                str(path), dtype=models.torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle_weights else True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise models.ModelLoadError(f"model.name_or_path '{name_or_path}' is a peft adapter whose base could not "
@@ -169,8 +174,10 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
     """
     from transformers import AutoModelForSequenceClassification
 
+    models.refuse_pickle_weights(name_or_path, cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                  dtype=models.torch_dtype(cfg), use_safetensors=True, num_labels=num_labels,
+                                  dtype=models.torch_dtype(cfg), num_labels=num_labels,
+                                  use_safetensors=None if cfg.allow_pickle_weights else True,
                                   **config_kwargs)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -278,7 +285,8 @@ def _adapter_base(directory: Path, info: dict | None) -> str:
                       f"set base_model in {INFO_FILE}")
 
 
-def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | None = None):
+def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | None = None,
+                allow_pickle_weights: bool = False):
     """(model in eval mode on `device`, tokenizer, info or None) of a trained reward/classifier
     directory: a full model, or a LoRA adapter saved with its head (reloaded on its base; merged
     unless the base was 4-bit)."""
@@ -287,7 +295,9 @@ def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | 
     directory = Path(directory)
     info = read_info(directory)
     quantized = bool(info and info.get("quantized"))
-    cfg = ModelConfig(name_or_path=str(directory), dtype=dtype or (info or {}).get("dtype", "float32"))
+    cfg = ModelConfig(name_or_path=str(directory), dtype=dtype or (info or {}).get("dtype", "float32"),
+                      allow_pickle_weights=allow_pickle_weights)
+    models.refuse_pickle_weights(str(directory), allow_pickle_weights, "allow_pickle_weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
@@ -321,7 +331,8 @@ def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | 
         try:
             with quiet_loading():
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    str(directory), dtype=models.torch_dtype(cfg), use_safetensors=True)
+                    str(directory), dtype=models.torch_dtype(cfg),
+                    use_safetensors=None if allow_pickle_weights else True)
         except (OSError, ValueError) as e:
             raise RewardError(f"{directory}: could not load a sequence classifier ({str(e).splitlines()[0]})") from None
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -531,3 +531,5 @@ class EvalRewardConfig:
     """JSON report path. None: `eval_reward_<data name>.json` in the model directory (not written for a hub id)."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ... None: the GPU when there is one."""
+    allow_pickle_weights: bool = False
+    """Load a model directory whose weights are only pickles (.bin). Unpickling can run code."""

@@ -44,7 +44,7 @@ def evaluate(cfg: EvalRewardConfig) -> dict:
                                 split=cfg.split, max_length_chars=cfg.max_length_chars)
     pairs, skips = load_preference_split(cfg.data, data, cfg.max_samples)
     reward = load_reward(cfg.model, device=cfg.device, batch_size=cfg.batch_size, kind="preference",
-                         max_length=cfg.max_length)
+                         max_length=cfg.max_length, allow_pickle_weights=cfg.allow_pickle_weights)
     chosen = reward.score(pairs["prompt"], pairs["chosen"])
     rejected = reward.score(pairs["prompt"], pairs["rejected"])
     margins = torch.tensor([math.nan if m is None else m for m in pairs["margin"]], dtype=torch.float64)

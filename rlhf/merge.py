@@ -19,10 +19,13 @@ from rlhf.errors import UserError
 MERGEABLE = {"LORA", "IA3", "LN_TUNING"}
 
 
-def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> Path:
+def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",
+          allow_pickle_weights: bool = False) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from policies.models import refuse_pickle_weights
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     cfg_file = adapter / "adapter_config.json"
@@ -40,8 +43,11 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
         raise UserError(f"{cfg_file}: no base_model_name_or_path; pass --base")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
+    for weights in (str(adapter), base):  # unpickling can run code: safetensors only unless asked
+        refuse_pickle_weights(weights, allow_pickle_weights, "--allow_pickle_weights")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype,
+                                                     use_safetensors=None if allow_pickle_weights else True)
     except (OSError, ValueError) as e:
         raise UserError(f"base model '{base}' could not be loaded ({str(e).splitlines()[0]}); pass --base") from None
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -64,6 +70,8 @@ def cli(argv: list[str]) -> None:
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--allow_pickle_weights", action="store_true",
+                   help="load .bin (pickle) weights when there are no safetensors; unpickling can run code")
     args = p.parse_args(argv)
-    out = merge(args.adapter_dir, args.out_dir, args.base, args.dtype)
+    out = merge(args.adapter_dir, args.out_dir, args.base, args.dtype, args.allow_pickle_weights)
     print(f"merged {args.adapter_dir} into {out}")

@@ -2,6 +2,7 @@
 checkpoints (PPO, DeepSpeed, HF Trainer) hold only JSON, safetensors and plain tensor pickles, and
 pickle weights (.bin) load only when the user opts in."""
 
+import json
 import pickle
 import shutil
 
@@ -73,3 +74,74 @@ def test_trainer_checkpoints_pass_and_crafted_ones_are_refused(tmp_path):
         sft.main(sft_config(tmp_path / "a", "--train.max_steps", "3", "--train.save_steps", "1", "--train.eval_steps", "1",
                             "--resume", "latest"))
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def pickle_only_models(tmp_path_factory):
+    """The tiny Llama (causal LM), a reward model on it and a LoRA adapter, each saved as .bin pickles only."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from policies import tiny
+    from policies.config import TinyModelConfig
+
+    from safetensors.torch import load_file
+
+    def as_pickle(directory, name):  # transformers 5 writes safetensors only: convert, as an old checkpoint
+        for f in directory.glob("*.safetensors"):
+            torch.save(load_file(f), directory / name)
+            f.unlink()
+
+    root = tmp_path_factory.mktemp("pickles")
+    tok = tiny.load_tokenizer()
+    lm = tiny.build_model(TinyModelConfig(), tok)
+    lm.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    as_pickle(root / "lm", "pytorch_model.bin")
+    lm.save_pretrained(root / "lm_safe")
+    tok.save_pretrained(root / "lm_safe")
+    adapter = peft.get_peft_model(lm, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(root / "adapter")
+    as_pickle(root / "adapter", "adapter_model.bin")
+    cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(root / "lm_safe")}))
+    rm = AutoModelForSequenceClassification.from_pretrained(root / "lm_safe", num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    as_pickle(root / "rm", "pytorch_model.bin")
+    return root
+
+
+def test_pickle_weights_are_refused_unless_allowed(pickle_only_models, tmp_path):
+    from policies.config import ModelConfig
+    from policies.models import ModelLoadError, load_causal_lm
+    from reward.interface import load_reward
+    from rlhf.merge import merge
+
+    root = pickle_only_models
+    lm = str(root / "lm")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin.*model.allow_pickle_weights: true"):
+        load_causal_lm(lm, ModelConfig(name_or_path=lm))
+    assert load_causal_lm(lm, ModelConfig(name_or_path=lm, allow_pickle_weights=True)).config.hidden_size > 0
+    with pytest.raises(ModelLoadError, match="allow_pickle_weights"):
+        load_reward(str(root / "rm"), kind="preference", device="cpu")
+    assert load_reward(str(root / "rm"), kind="preference", device="cpu", allow_pickle_weights=True).score(
+        [[{"role": "user", "content": "hi"}]], ["there"]).shape == (1,)
+    with pytest.raises(ModelLoadError, match=r"adapter_model.bin.*--allow_pickle_weights"):
+        merge(str(root / "adapter"), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
+    merge(str(root / "adapter"), str(tmp_path / "merged"), allow_pickle_weights=True)
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_cli_refuses_pickle_weights_in_one_line(pickle_only_models, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, "-m", "rlhf", "merge", str(pickle_only_models / "adapter"), str(tmp_path / "m")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "rlhf merge: error:" in p.stderr and "--allow_pickle_weights" in p.stderr
