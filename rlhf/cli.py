@@ -18,21 +18,24 @@ import sys
 
 from rlhf.errors import UserError
 
-USAGE = """usage: rlhf <command> [options]
+USAGE = """usage: rlhf <command> [options] [--verbose]
 
 commands:
-  sft              supervised fine-tuning (full or PEFT)          rlhf sft --help
-  reward           train a reward model on preference pairs        rlhf reward --help
-  classifier       train a text classifier (usable as a reward)     rlhf classifier --help
-  eval reward      accuracy and calibration of a reward model       rlhf eval reward --help
-  generate         sample a model on prompts, write JSONL (+ reward)  rlhf generate --help
-  data check       read preference data, show counts and examples   rlhf data check --help
+  sft              supervised fine-tuning (full or PEFT)               rlhf sft --help
+  reward           train a reward model on preference pairs            rlhf reward --help
+  classifier       train a text classifier (usable as a reward)        rlhf classifier --help
+  eval reward      accuracy and calibration of a reward model          rlhf eval reward --help
+  eval policy      a policy against a reference, judged by a reward    rlhf eval policy --help
+  generate         sample a model on prompts, write JSONL (+ reward)   rlhf generate --help
+  data check       read preference data: counts, skips, examples       rlhf data check --help
   ppo              PPO against a reward model, classifier or function  rlhf ppo --help
-  pipeline         SFT -> reward model -> PPO in one command    rlhf pipeline --help
-  bench align      gold-reward benchmark: RM vs Bayes, PPO vs best-of-n vs TRL RLOO  rlhf bench align --help
-  bench speed      PPO throughput (tokens/s, time split, memory) next to TRL      rlhf bench speed --help
-  merge            merge a LoRA adapter into a full model           rlhf merge --help
-  estimate-memory  memory per GPU for a fine-tuning setup           rlhf estimate-memory --help
+  pipeline         SFT -> reward model -> PPO in one command           rlhf pipeline --help
+  bench align      gold-reward benchmark: PPO vs best-of-n vs RLOO     rlhf bench align --help
+  bench speed      PPO throughput and time split next to TRL           rlhf bench speed --help
+  merge            merge a LoRA adapter into a full model              rlhf merge --help
+  estimate-memory  memory per GPU for a fine-tuning setup              rlhf estimate-memory --help
+
+--verbose: keep the libraries' own warnings and notices (hidden by default).
 """
 
 
@@ -127,8 +130,31 @@ COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _
             "estimate-memory": _estimate_memory}
 
 
+def quiet_third_party() -> None:
+    """Library chatter (bitsandbytes' optional-kernel notice, transformers/datasets/accelerate warnings)
+    off stderr, so an error is one line and a run's log is ours; `--verbose` keeps it. Our own warnings
+    (rlhf.*: EOS rate, NaN rewards, reward hacking) still print."""
+    import logging
+    import os
+    import warnings
+
+    for name in ("bitsandbytes", "transformers", "datasets", "accelerate", "deepspeed", "peft", "trl", "torch",
+                 "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read lazily by transformers' own logger
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("ACCELERATE_LOG_LEVEL", "error")
+    os.environ.setdefault("DS_LOG_LEVEL", "error")
+    for module in ("transformers", "peft", "torch", "accelerate", "datasets", "trl", "deepspeed", "bitsandbytes"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" in argv:
+        argv = [a for a in argv if a != "--verbose"]
+    else:
+        quiet_third_party()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -150,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ModelLoadError, RewardError) as e:
         print(f"rlhf {command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `rlhf ppo --help | head`: the reader left; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

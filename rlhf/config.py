@@ -9,9 +9,12 @@ the `--section.field value` overrides and renders `--help` from the field docstr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import difflib
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,12 +157,35 @@ def _yaml_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: plain YAML keeps the last one, so a
+    second `train:` section would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one section (first on line {seen[key]}); YAML "
+                    "would silently keep only the last", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     if not os.path.isfile(path):
         raise UserError(f"--config '{path}' does not exist")
-    text = Path(path).read_text(encoding="utf-8")
+    from rlhf.sources import read_text
+
+    text = read_text(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         lines = _yaml_lines(yaml.compose(text)) if data else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -292,6 +318,18 @@ def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return path, rest
 
 
+def _one_line(box: str) -> str:
+    """tyro's boxed error text as one line: its message and the valid values, without the frame."""
+    lines = []
+    for line in box.splitlines():
+        line = line.strip().strip("╭╮╰╯│─┌┐└┘ ").strip()
+        if line and not line.startswith("For full helptext") and set(line) - set("─━"):
+            lines.append(line)
+    text = " ".join(lines[1:] if len(lines) > 1 else lines)  # the first line is the box's title
+    text = text.split(" Argument helptext:")[0]
+    return " ".join(text.split()) or "invalid command-line arguments (see --help)"
+
+
 def parse(cls: type[C], argv: list[str], prog: str) -> C:
     """`--config FILE` then `--section.field value` overrides -> a `cls` instance."""
     import tyro
@@ -309,8 +347,20 @@ def parse(cls: type[C], argv: list[str], prog: str) -> C:
         fixed.append(arg)
     description = (f"{cls.__doc__.strip()}\n\nRead --config FILE (YAML) first; each --section.field VALUE "
                    "below overrides it.")
-    return tyro.cli(cls, default=default, args=fixed, prog=prog, description=description,
-                    use_underscores=True, config=(tyro.conf.FlagConversionOff,))
+    captured = io.StringIO()  # tyro's errors come as a multi-line box: made one line below
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = tyro.cli(cls, default=default, args=fixed, prog=prog, description=description,
+                           use_underscores=True, config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise UserError(_one_line(captured.getvalue())) from None
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain, before the stage writes anything
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

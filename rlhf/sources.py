@@ -33,28 +33,38 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file's contents; bytes that are not UTF-8 are a UserError naming the file, line and byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                        "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Parse a JSON Lines file; a bad line is a UserError naming `file:line`."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is JSON text
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: str) -> list[dict]:
+    text = read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         # A .json file may also hold JSON Lines; try that before giving up.
         try:
