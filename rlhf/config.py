@@ -323,7 +323,7 @@ def _one_line(box: str) -> str:
     lines = []
     for line in box.splitlines():
         line = line.strip().strip("╭╮╰╯│─┌┐└┘ ").strip()
-        if line and not line.startswith("For full helptext") and set(line) - set("─━"):
+        if line and not line.startswith("For full helptext") and set(line) - set("─━-"):
             lines.append(line)
     text = " ".join(lines[1:] if len(lines) > 1 else lines)  # the first line is the box's title
     text = text.split(" Argument helptext:")[0]

@@ -105,5 +105,5 @@ def test_bad_option_exits_2_and_writes_nothing(option, value, tmp_path, sft_poli
     code = cli.main(["generate"] + [x for kv in args.items() for x in kv])
     err = capsys.readouterr().err
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and option in err, err
+    assert len(err.strip().splitlines()) == 1 and option.lstrip("-") in err, err
     assert not out.parent.exists()
