@@ -52,11 +52,25 @@ def refuse_pickle_weights(name_or_path: str, allow: bool, option: str = "model.a
                              "if you trust where they came from")
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: it starts with . / ~, has more than one '/', or its first component is a
+    local directory or `runs` (this project's output folder). A hub id is `owner/name`."""
+    first = name_or_path.split("/", 1)[0]
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or ("/" in name_or_path and (os.path.isdir(first) or first == "runs")))  # runs/: our outputs
+
+
+def _creating_command(name_or_path: str) -> str:
+    stage = next((s for s in ("sft", "reward", "classifier", "ppo") if s in Path(name_or_path).name), None)
+    if stage is None:
+        return ""
+    return f"; `rlhf {stage} --config configs/{stage}_tiny.yaml` writes one (the quickstart: `rlhf pipeline`)"
+
+
 def _check_exists(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local "
-                             "directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B')")
+    if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local directory with "
+                             f"config.json, or a hub id like 'Qwen/Qwen2.5-0.5B'){_creating_command(name_or_path)}")
 
 
 def load_tokenizer(name_or_path: str, cfg: ModelConfig):

@@ -175,7 +175,12 @@ class FunctionReward:
         if normalize:
             raise RewardError(f"normalize=True: reward function '{self.name}' has no normalisation statistics; "
                               "return normalised values from the function instead")
-        out = self.fn(prompts, responses)
+        try:
+            out = self.fn(prompts, responses)
+        except Exception as e:  # the user's code failed: say where, in one line, not with our traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RewardError(f"reward function '{self.name}' raised {type(e).__name__}"
+                              + (f": {first[:300]}" if first else "")) from None
         try:
             scores = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else list(out),
                                      dtype=torch.float32).reshape(-1)

@@ -185,8 +185,7 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
         quant = models.quantization_config(cfg)
         quant.llm_int8_skip_modules = list(HEAD_NAMES)
         kwargs["quantization_config"] = quant
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+    if models.looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise models.ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local "
                                     "directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B')")
     try:

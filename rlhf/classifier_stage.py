@@ -31,6 +31,7 @@ from rlhf import checkpoints, config, tracking
 from rlhf.config import ClassifierConfig, ClassifierDataConfig
 from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
+from rlhf.outputs import user_run
 from rlhf.sources import load_rows
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
@@ -38,6 +39,9 @@ METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
 def check(cfg: ClassifierConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain first
     d, t = cfg.data, cfg.train
     if d.train is None:
         raise UserError("data.train is required: a file (or hub dataset) of labelled text")
@@ -310,6 +314,11 @@ def save(trainer, cfg: ClassifierConfig, names: list[str], multi_label: bool, no
 
 
 def main(cfg: ClassifierConfig) -> dict:
+    with user_run(cfg.output_dir):  # a refused run leaves no output directory behind
+        return _run(cfg)
+
+
+def _run(cfg: ClassifierConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, splits, names, multi_label = build(cfg)

@@ -138,9 +138,12 @@ def quiet_third_party() -> None:
     import os
     import warnings
 
-    for name in ("bitsandbytes", "transformers", "datasets", "accelerate", "deepspeed", "peft", "trl", "torch",
-                 "huggingface_hub", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "transformers", "datasets", "accelerate", "deepspeed", "DeepSpeed", "peft", "trl",
+                 "torch", "huggingface_hub", "urllib3", "filelock"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        logger.addFilter(lambda record: record.levelno >= logging.ERROR)  # kept when a library resets the level
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read lazily by transformers' own logger
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("ACCELERATE_LOG_LEVEL", "error")

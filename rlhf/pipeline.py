@@ -11,6 +11,7 @@ report (report.md, report.json) and PNG plots of the training curves in output_d
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +65,16 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
 
 def main(cfg: PipelineConfig) -> dict:
     from rlhf import ppo, reward_stage, sft
+    from rlhf.outputs import check_output_dir
 
     cfg = wire(cfg)
     out = Path(cfg.output_dir)
+    # Every stage's settings are checked before the first one trains (not PPO's after SFT and the RM ran).
+    check_output_dir(out)
+    sft.check(cfg.sft)
+    reward_stage.check(cfg.reward)
+    ppo.check(cfg.ppo)
+    ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     for stage in ("sft", "reward"):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
                 and not (out / stage / "adapter_config.json").exists():

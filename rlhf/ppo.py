@@ -42,6 +42,7 @@ from rlhf import ppo_core as core
 from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
 from rlhf.heldout import EvalConfig, HeldOutEval
+from rlhf.outputs import user_run
 
 STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
 
@@ -244,6 +245,9 @@ def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
 
 
 def check(cfg: PPOConfig) -> None:
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
     p = cfg.ppo
     for name in ("steps", "per_device_rollout_batch_size", "num_mini_batches", "gradient_accumulation_steps",
                  "ppo_epochs", "max_new_tokens", "save_steps"):
@@ -778,6 +782,12 @@ def peak_memory_gb() -> float:
 
 
 def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[dict]:
+    """Run PPO (see `_run`); a run refused for its input leaves no output directory it created."""
+    with user_run(cfg.output_dir):
+        return _run(cfg, reward, on_step, save)
+
+
+def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[dict]:
     """Run PPO; returns the per-iteration metrics (also in output_dir/metrics.jsonl and W&B).
     `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`).
     `on_step(step, actor_critic, tokenizer)`, if given, runs on every process after each iteration
@@ -813,6 +823,9 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
                                             reward_given=reward_given)
     stop_id = None if p.stop_token is None else (
         tokenizer.eos_token_id if p.stop_token == "eos" else tokenizer.convert_tokens_to_ids(p.stop_token))
+    if p.stop_token not in (None, "eos") and p.stop_token not in tokenizer.get_vocab():
+        raise UserError(f"ppo.stop_token '{p.stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
+                        "null (run to max_new_tokens), or one token as the tokenizer spells it")
     if stop_id is not None and stop_id == tokenizer.pad_token_id:
         raise UserError("ppo.stop_token must differ from the PAD token")
 

@@ -31,12 +31,16 @@ from rlhf import checkpoints, config, tracking
 from rlhf.config import PairFormatOptions, PreferenceDataConfig, RewardConfig
 from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
+from rlhf.outputs import user_run
 from rlhf.preference_data import FORMATS, load_pairs
 from rlhf.sources import hold_out
 
 
 def check(cfg: RewardConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
     t = cfg.train
     if cfg.peft.method not in reward_models.PEFT_METHODS:
         raise UserError(f"peft.method={cfg.peft.method} is not supported by `rlhf reward`; use one of "
@@ -259,6 +263,11 @@ def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None
 
 
 def main(cfg: RewardConfig) -> dict:
+    with user_run(cfg.output_dir):  # a refused run leaves no output directory behind
+        return _run(cfg)
+
+
+def _run(cfg: RewardConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, pairs = build(cfg)

@@ -19,11 +19,15 @@ from rlhf import checkpoints, config, tracking
 from rlhf.config import SFTConfig
 from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
+from rlhf.outputs import user_run
 from rlhf.sft_data import load_sft_data
 
 
 def check(cfg: SFTConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
     t = cfg.train
     if cfg.peft.method in ("prefix_tuning", "prompt_tuning") and t.packing:
         raise UserError(f"train.packing cannot be combined with peft.method={cfg.peft.method}: the virtual "
@@ -102,6 +106,11 @@ def build(cfg: SFTConfig):
 
 
 def main(cfg: SFTConfig) -> dict:
+    with user_run(cfg.output_dir):  # a refused run leaves no output directory behind
+        return _run(cfg)
+
+
+def _run(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, fmt = build(cfg)
