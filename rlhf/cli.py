@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 return code
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:
-        print(f"rlhf {command}: error: {e}", file=sys.stderr)
+        print(f"rlhf {command}: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always one line
         return 2
     except BrokenPipeError:  # `rlhf ppo --help | head`: the reader left; nothing more to say
         import os

@@ -190,7 +190,8 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        raise UserError(f"{where}: invalid YAML ({' '.join(str(problem).split())})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
     return data, lines
@@ -268,21 +269,22 @@ def from_dict(cls: type[C], data: dict, where: str, lines: dict[str, int], prefi
     for key, value in data.items():
         path = f"{prefix}{key}"
         loc = f"{where}:{lines[path]}" if path in lines else where
+        shown = path if path.isprintable() else repr(path)[1:-1]  # a key with a newline stays one line
         if key not in names:
             section = f" in '{prefix[:-1]}'" if prefix else ""
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{loc}: unknown config key '{path}'{hint} Valid keys{section}: {', '.join(names)}")
+            raise UserError(f"{loc}: unknown config key '{shown}'{hint} Valid keys{section}: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"{loc}: '{path}' is a section; expected a mapping of its keys")
+                raise UserError(f"{loc}: '{shown}' is a section; expected a mapping of its keys")
             kwargs[key] = from_dict(tp, value, where, lines, path + ".")
             continue
         try:
             kwargs[key] = _coerce(value, tp)
         except TypeError:
-            raise UserError(f"{loc}: '{path}' expects {_type_name(tp)}, got {value!r}") from None
+            raise UserError(f"{loc}: '{shown}' expects {_type_name(tp)}, got {value!r}") from None
     return cls(**kwargs)
 
 

@@ -186,8 +186,11 @@ def markdown(r: dict) -> str:
 
 
 def main(cfg: EvalPolicyConfig, reward=None) -> dict:
-    report = evaluate(cfg, reward)
+    from rlhf.outputs import check_output_file
+
     out = Path(cfg.output) if cfg.output else Path(cfg.policy) / "eval_policy.json"
+    check_output_file(out, "--output")  # before the evaluation, not after it
+    report = evaluate(cfg, reward)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))

@@ -35,6 +35,10 @@ def check(cfg: EvalRewardConfig) -> None:
             raise UserError(f"--{name} expects a positive integer, got {getattr(cfg, name)}")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise UserError(f"--max_samples expects a positive integer, got {cfg.max_samples}")
+    if cfg.output is not None:
+        from rlhf.outputs import check_output_file
+
+        check_output_file(cfg.output, "--output")
 
 
 def evaluate(cfg: EvalRewardConfig) -> dict:

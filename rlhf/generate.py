@@ -60,6 +60,10 @@ def check(cfg: GenerateConfig) -> None:
         raise UserError(f"--temperature expects a value >= 0 (0: greedy), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_p expects a value in (0, 1], got {cfg.top_p}")
+    if cfg.output is not None:
+        from rlhf.outputs import check_output_file
+
+        check_output_file(cfg.output, "--output")
     try:
         _check_exists(cfg.model)
     except ModelLoadError:

@@ -31,6 +31,9 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.exists():
         raise UserError(f"ADAPTER_DIR '{adapter}' holds no adapter_config.json (is it a peft adapter directory?)")
+    from rlhf.outputs import check_output_dir
+
+    check_output_dir(out, "OUT_DIR", inputs=(adapter,))
     if out.exists() and any(out.iterdir()):
         raise UserError(f"OUT_DIR '{out}' exists and is not empty; choose a new directory")
     adapter_cfg = json.loads(cfg_file.read_text())

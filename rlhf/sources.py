@@ -105,7 +105,7 @@ def load_rows(source: str, split: str = "train"):
                 raise UserError(f"data source '{source}' is empty: no rows")
             try:
                 return datasets.Dataset.from_list(rows)
-            except (TypeError, ValueError) as e:  # arrow cannot unify column types across rows
+            except (TypeError, ValueError, OverflowError, ArithmeticError) as e:  # arrow: no common type, a huge int
                 raise UserError(f"{source}: rows do not share one schema ({str(e).splitlines()[0]})") from None
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a local file reads in a blink; its bars only clutter stderr
