@@ -11,6 +11,7 @@ from rlhf import bench_align, bench_math, bench_speed, cli, config
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 def test_bench_align_miniature(tmp_path):
     cfg = config.parse(bench_align.BenchAlignConfig, [
         "--output_dir", str(tmp_path / "align"), "--seeds", "0", "--sft_rows", "400", "--sft_steps", "60",

@@ -19,6 +19,7 @@ def run(*args, cwd=None):
                           cwd=cwd or REPO, timeout=600)
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 def test_quickstart_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

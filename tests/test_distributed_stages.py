@@ -90,6 +90,7 @@ def single(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 @pytest.mark.parametrize("stage, preset, method", [
     ("sft", "ddp", "lora"), ("sft", "zero2", "full"), ("sft", "zero3", "lora"),
     ("reward", "ddp", "full"), ("reward", "zero2", "lora"), ("reward", "zero3", "full"),
@@ -125,6 +126,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 def test_two_node_shaped_launch_on_loopback(tmp_path, single):
     """The two_node preset, one process per 'machine', both machines on 127.0.0.1: the same command on
     each with its own --machine_rank, as the README's multi-node section says."""

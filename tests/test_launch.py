@@ -52,6 +52,7 @@ def test_launch_errors(tmp_path):
     assert cmd[3] == str(own)
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 def test_ppo_through_the_flag_runs_two_processes(tmp_path, sft_policy):  # noqa: F811
     out = tmp_path / "ppo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}

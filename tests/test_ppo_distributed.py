@@ -35,6 +35,7 @@ def launch(kind, out, policy, method):
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 @pytest.mark.parametrize("kind, method", [("ddp", "lora"), ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora")])
 def test_two_process_ppo(tmp_path, sft_policy, kind, method):  # noqa: F811
     from peft import AutoPeftModelForCausalLM

@@ -103,6 +103,7 @@ def test_peer_rejects_incomplete_spec(tmp_path):
     assert result["error"] == "spec is missing field(s): reward_model, response_length"
 
 
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}], ids=["full", "lora"])
 def test_peer_end_to_end(peer_python, tiny_models, tmp_path, lora):
     policy, rm, ordinary = tiny_models
