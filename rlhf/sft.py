@@ -60,6 +60,7 @@ def trl_args(cfg: SFTConfig, fmt: str, has_eval: bool, bf16: bool):
                            eval_on_start=cfg.resume is None)
     return trl.SFTConfig(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
+        include_num_input_tokens_seen=True,  # kept in the trainer state, so a resumed run counts on from there
         learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -121,9 +122,16 @@ def _run(cfg: SFTConfig) -> dict:
     metrics = {"trainable_parameters": trainable, "total_parameters": total, "format": fmt}
     has_eval = trainer.eval_dataset is not None
     result = trainer.train(resume_from_checkpoint=resume_from)
-    if has_eval and resume_from is None:  # eval_on_start: logged at step 0
-        metrics["eval_loss_before"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
-    metrics["train_loss"] = result.training_loss
+    history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's, not this part's
+    if has_eval:  # eval_on_start: logged at step 0
+        metrics["eval_loss_before"] = next(h["eval_loss"] for h in history if "eval_loss" in h)
+    # The mean training loss of the whole run, from its log (result.training_loss covers only the steps
+    # this process ran, so a resumed run would report another value than a straight one).
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    steps = [b - a for a, b in zip([0] + [s for s, _ in logged[:-1]], [s for s, _ in logged])]
+    metrics["train_loss"] = (sum(n * loss for n, (_, loss) in zip(steps, logged)) / max(sum(steps), 1)
+                             if logged else result.training_loss)
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics["global_step"] = trainer.state.global_step
     if has_eval:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]  # the best checkpoint, reloaded

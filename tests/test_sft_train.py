@@ -151,6 +151,11 @@ def test_main_writes_outputs_and_resume_matches_straight_run(tmp_path):
     (out_b / "checkpoint-9").mkdir()  # no trainer_state.json: incomplete, must be skipped
     resumed = sft.main(sft_config(tmp_path / "b", "--train.save_steps", "3", "--resume", "latest"))
     assert resumed["global_step"] == 6
+    # the summary of a resumed run is the straight run's (not the resumed part's loss, tokens restarting at 0)
+    saved = json.loads((out_b / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss_before", "eval_loss_after", "num_input_tokens_seen"):
+        assert saved[key] == pytest.approx(straight[key], rel=1e-5), key
+    assert straight["num_input_tokens_seen"] > 0
     a, b = load_file(out_a / "adapter_model.safetensors"), load_file(out_b / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
