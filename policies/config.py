@@ -44,7 +44,8 @@ class ModelConfig:
     """Run modelling code shipped with a hub model. Off unless you trust its author."""
     allow_pickle_weights: bool = False
     """Load weights stored as pickles (`pytorch_model.bin`, `adapter_model.bin`) when a directory has no
-    safetensors. Unpickling can run code: only for files you trust."""
+    safetensors (this model, an adapter's base, and in PPO the reward model). Unpickling can run code:
+    only for files you trust."""
     pad_token: Optional[str] = None
     """Token to use for padding when the tokenizer has none (must differ from EOS)."""
     attn_implementation: Optional[str] = None

@@ -41,36 +41,62 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth", "*
 
 def refuse_pickle_weights(name_or_path: str, allow: bool, option: str = "model.allow_pickle_weights") -> None:
     """A local model or adapter directory whose weights exist only as pickles is refused unless `allow`:
-    unpickling a file can run code (safetensors cannot). Hub ids are loaded with use_safetensors=True."""
+    unpickling a file can run code (safetensors cannot). Hub ids are loaded with use_safetensors=True.
+    `option` is the opt-in as the user writes it: a config field, or a command-line flag (`--...`)."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if allow or not path.is_dir() or any(path.glob("*.safetensors")):
         return
     pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern)})
     if pickles:
+        opt_in = f"pass {option}" if option.startswith("--") else f"set {option}: true"
         raise ModelLoadError(f"'{name_or_path}' holds its weights only as pickles ({', '.join(pickles[:3])}), and "
-                             f"loading a pickle can run code; convert them to safetensors, or set {option}: true "
+                             f"loading a pickle can run code; convert them to safetensors, or {opt_in} "
                              "if you trust where they came from")
 
 
+def refuse_pickle_weights_with_base(path: str, allow: bool, option: str = "model.allow_pickle_weights") -> None:
+    """`refuse_pickle_weights` for a model directory, and for a peft adapter directory also for the base
+    its adapter_config.json names (loading the adapter loads that base too)."""
+    refuse_pickle_weights(path, allow, option)
+    adapter_cfg = Path(os.path.expanduser(str(path))) / "adapter_config.json"
+    if adapter_cfg.is_file():
+        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if base:
+            refuse_pickle_weights(base, allow, option)
+
+
 def looks_local(name_or_path: str) -> bool:
-    """A path rather than a hub id: it starts with . / ~, has more than one '/', or its first component is a
-    local directory or `runs` (this project's output folder). A hub id is `owner/name`."""
+    """A path rather than a hub id. A hub id is `owner/name`: exactly one '/', no leading `.`, `/` or `~`,
+    and no backslash. So a local path is one that starts with `.`, `/` or `~`, has a backslash or more
+    than one '/', or whose first component is `runs` (where this project writes) or an existing local
+    directory (`models/llama` next to a `models/` folder). A missing local path is refused at once: asking
+    the hub for it only fails after its retries (~50 s offline). `owner/name` with neither is a hub id."""
     first = name_or_path.split("/", 1)[0]
-    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-            or ("/" in name_or_path and (os.path.isdir(first) or first == "runs")))  # runs/: our outputs
+    return (name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
+            or ("/" in name_or_path and (first == "runs" or os.path.isdir(first))))
 
 
-def _creating_command(name_or_path: str) -> str:
-    stage = next((s for s in ("sft", "reward", "classifier", "ppo") if s in Path(name_or_path).name), None)
-    if stage is None:
-        return ""
-    return f"; `rlhf {stage} --config configs/{stage}_tiny.yaml` writes one (the quickstart: `rlhf pipeline`)"
+STAGE_COMMANDS = {"sft": "rlhf sft --config configs/sft_tiny.yaml", "reward": "rlhf reward --config configs/reward_tiny.yaml",
+                  "classifier": "rlhf classifier --config configs/classifier_tiny.yaml",
+                  "ppo": "rlhf ppo --config configs/ppo_tiny.yaml", "policy": "rlhf ppo --config configs/ppo_tiny.yaml"}
+
+
+def creating_command(path: str) -> str:
+    """'; create it with: COMMAND' for a path that looks like one of our stages' outputs (the last
+    component naming a stage wins: runs/quickstart/ppo/policy is PPO's), else ''. Under a quickstart
+    or pipeline folder, the pipeline writes it."""
+    parts = [p.lower() for p in Path(path).parts]
+    stage = next((s for part in reversed(parts) for s in STAGE_COMMANDS if s in part), None)
+    if any("quickstart" in p or "pipeline" in p for p in parts) and stage not in (None, "classifier"):
+        return "; create it with: rlhf pipeline --config configs/quickstart.yaml"
+    return f"; create it with: {STAGE_COMMANDS[stage]}" if stage else ""
 
 
 def _check_exists(name_or_path: str) -> None:
+    """A model path that looks local (see `looks_local`) and is missing: one line, no hub lookup."""
     if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local directory with "
-                             f"config.json, or a hub id like 'Qwen/Qwen2.5-0.5B'){_creating_command(name_or_path)}")
+        hint = creating_command(name_or_path) or " (a local path; a hub id is owner/name)"
+        raise ModelLoadError(f"{name_or_path} does not exist{hint}")
 
 
 def load_tokenizer(name_or_path: str, cfg: ModelConfig):

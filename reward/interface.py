@@ -32,6 +32,7 @@ from typing import Callable, Literal, Protocol, Union
 
 import torch
 
+from policies.models import creating_command, looks_local
 from reward import models
 from reward.errors import RewardError
 
@@ -162,7 +163,13 @@ class ClassifierReward(ModelScorer):
 
 
 class FunctionReward:
-    """A Python function `fn(prompts, responses) -> list[float] | tensor`, called on the whole batch."""
+    """A Python function `fn(prompts, responses) -> list[float] | tensor`, called on the whole batch.
+
+    What the function does wrong is a one-line RewardError naming it: raising (its exception's type and
+    first line, not our traceback), returning anything but numbers, or a number of values other than one
+    per response. A NaN or inf is a number: it is returned as it is, like a reward model's, for the
+    caller to handle (PPO counts it as 0 with a warning and logs objective/nan_scores; evaluations
+    refuse it with `require_finite`)."""
 
     kind = "function"
     normalization = None  # no reference statistics: normalize=True is refused
@@ -185,14 +192,27 @@ class FunctionReward:
             scores = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else list(out),
                                      dtype=torch.float32).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise RewardError(f"reward function '{self.name}' returned {type(out).__name__}; expected a list of "
-                              "floats or a tensor, one per response") from None
+            try:  # name what is not a number: "a list holding str ('good')"
+                odd = next(v for v in out if not isinstance(v, (int, float)))
+                got = f"a {type(out).__name__} holding {type(odd).__name__} ({str(odd)[:40]!r})"
+            except (TypeError, StopIteration):
+                got = type(out).__name__
+            raise RewardError(f"reward function '{self.name}' returned {got}; expected a list of floats or a "
+                              f"tensor, one per response ({len(responses)} here)") from None
         if len(scores) != len(responses):
             raise RewardError(f"reward function '{self.name}' returned {len(scores)} values for "
                               f"{len(responses)} responses; expected one per response")
-        if not torch.isfinite(scores).all():
-            raise RewardError(f"reward function '{self.name}' returned a non-finite value (NaN or inf)")
         return scores
+
+
+def require_finite(scores: torch.Tensor, spec: str) -> torch.Tensor:
+    """`scores` if all are finite; else a RewardError: a mean, a win rate or an accuracy over a NaN
+    would be silently wrong (NaN compares false: a NaN-scored answer would count as a loss)."""
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise RewardError(f"reward '{spec}' gave {bad} non-finite score(s) (NaN or inf) of {len(scores)}; "
+                          "an evaluation needs a number for every response")
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,9 +350,9 @@ def load_reward(spec: str, *, device=None, batch_size: int = 16, label: Union[st
         if label is not None:
             raise RewardError(f"label={label!r} applies to classifier rewards, not to function '{spec}'")
         return load_function(spec)
-    if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
+    if looks_local(spec) and not os.path.exists(os.path.expanduser(spec)):  # not asked of the hub (~50 s)
         raise RewardError(f"reward '{spec}' does not exist (expected a reward model or classifier directory, "
-                          "or module:function)")
+                          f"or module:function){creating_command(spec)}")
     info = models.read_info(spec) if os.path.isdir(spec) else None
     found = _directory_kind(spec, info) if kind == "auto" or info is not None else kind
     if kind != "auto" and kind != found:

@@ -120,10 +120,7 @@ def merged_base(name_or_path: str, out_dir: str | Path, cfg: ModelConfig) -> str
     stamp_file = out_dir / "merged_from.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return str(out_dir)
-    models.refuse_pickle_weights(str(path), cfg.allow_pickle_weights)  # the adapter
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if base:
-        models.refuse_pickle_weights(base, cfg.allow_pickle_weights)
+    models.refuse_pickle_weights_with_base(str(path), cfg.allow_pickle_weights)  # the adapter and its base
     try:
         with quiet_loading():
             model = AutoPeftModelForCausalLM.from_pretrained(
@@ -185,9 +182,7 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
         quant = models.quantization_config(cfg)
         quant.llm_int8_skip_modules = list(HEAD_NAMES)
         kwargs["quantization_config"] = quant
-    if models.looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise models.ModelLoadError(f"model.name_or_path '{name_or_path}' does not exist (expected a local "
-                                    "directory with config.json, or a hub id like 'Qwen/Qwen2.5-0.5B')")
+    models._check_exists(name_or_path)  # a missing local path: one line at once, not after hub retries
     try:
         with quiet_loading():  # "score.weight newly initialised": expected, the head is trained here
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)

@@ -104,13 +104,12 @@ def _trusted_plain_globals():
     try:
         import numpy as np
 
-        allowed += [np.ndarray, np.dtype, type(np.dtype("uint32")), np.core.multiarray._reconstruct]
-    except (ImportError, AttributeError):
-        pass
-    try:
-        from numpy._core.multiarray import _reconstruct
-
-        allowed.append(_reconstruct)
+        try:
+            from numpy._core.multiarray import _reconstruct  # numpy 2 (numpy.core warns there)
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct  # numpy 1
+        # the array's dtype class is what torch's unpickler asks for by name (UInt32DType: numpy's RNG keys)
+        allowed += [_reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
     except ImportError:
         pass
     try:  # DeepSpeed's optimizer states name these plain classes (a loss-scale record, an enum, a tuple)

@@ -383,6 +383,10 @@ def save(cfg: Any, path: str | Path) -> None:
 
 PreferenceFormat = Literal["auto", "hh_rlhf", "ultrafeedback_binarized", "ultrafeedback_raw", "shp",
                            "pku_saferlhf", "oasst", "helpsteer2", "pairs"]
+# Prompts (PPO, eval policy, generate, held-out eval): rows of messages or prompts, or any preference
+# format (its pairs' prompts are used).
+PromptFormat = Literal["auto", "messages", "prompt", "hh_rlhf", "ultrafeedback_binarized", "ultrafeedback_raw", "shp",
+                       "pku_saferlhf", "oasst", "helpsteer2", "pairs"]
 
 
 @dataclass

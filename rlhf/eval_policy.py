@@ -55,19 +55,23 @@ class EvalPolicyConfig:
     output: Optional[str] = None
     """Where to write the JSON report (the Markdown goes beside it); default: POLICY/eval_policy.json."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    allow_pickle_weights: bool = False
+    """Load model or reward directories whose weights are only pickles (.bin). Unpickling can run code."""
 
 
-def load_lm(path: str):
-    """A causal LM from a model directory, a peft adapter directory, or a hub id."""
+def load_lm(path: str, allow_pickle_weights: bool = False):
+    """A causal LM from a model directory, a peft adapter directory, or a hub id. Pickle-only weights
+    (the adapter's or its base's) are refused unless allowed: peft loads adapter_model.bin on its own."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from policies.models import ModelLoadError, _check_exists
+    from policies.models import ModelLoadError, _check_exists, refuse_pickle_weights_with_base
 
     _check_exists(path)
+    refuse_pickle_weights_with_base(path, allow_pickle_weights, "--allow_pickle_weights true")
     cls = AutoPeftModelForCausalLM if (Path(path) / "adapter_config.json").exists() else AutoModelForCausalLM
     try:
-        return cls.from_pretrained(path, use_safetensors=True).eval()
+        return cls.from_pretrained(path, use_safetensors=None if allow_pickle_weights else True).eval()
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{path}' could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
 
@@ -120,8 +124,9 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
         from reward.interface import load_reward
 
         reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
-                             batch_size=cfg.reward.batch_size)
-    policy, reference = load_lm(cfg.policy), load_lm(cfg.reference)
+                             batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
+    policy = load_lm(cfg.policy, cfg.allow_pickle_weights)
+    reference = load_lm(cfg.reference, cfg.allow_pickle_weights)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"the tokenizer of '{cfg.policy}' needs a PAD token distinct from EOS")
@@ -136,8 +141,10 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
             if name == "policy":  # KL(policy || reference) on the policy's own samples
                 kl += (sequence_logprob(policy, ids, mask, responses, rmask, cfg.temperature)
                        - sequence_logprob(reference, ids, mask, responses, rmask, cfg.temperature)).tolist()
-    r_pol = reward.score(prompts, rows["policy"]).float()  # (N*K,)
-    r_ref = reward.score(prompts, rows["reference"]).float()
+    from reward.interface import require_finite
+
+    r_pol = require_finite(reward.score(prompts, rows["policy"]).float(), cfg.reward.spec)  # (N*K,)
+    r_ref = require_finite(reward.score(prompts, rows["reference"]).float(), cfg.reward.spec)
     wins = (r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()  # (N*K,)
     # The K samples of one prompt are correlated: the standard error is over the N per-prompt means.
     per_prompt = wins.view(n, k).mean(1)  # (N,)

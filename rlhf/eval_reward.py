@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from reward import load_reward
+from reward.interface import require_finite
 from reward import metrics as reward_metrics
 from rlhf.config import EvalRewardConfig, PreferenceDataConfig
 from rlhf.errors import UserError
@@ -49,8 +50,8 @@ def evaluate(cfg: EvalRewardConfig) -> dict:
     pairs, skips = load_preference_split(cfg.data, data, cfg.max_samples)
     reward = load_reward(cfg.model, device=cfg.device, batch_size=cfg.batch_size, kind="preference",
                          max_length=cfg.max_length, allow_pickle_weights=cfg.allow_pickle_weights)
-    chosen = reward.score(pairs["prompt"], pairs["chosen"])
-    rejected = reward.score(pairs["prompt"], pairs["rejected"])
+    chosen = require_finite(reward.score(pairs["prompt"], pairs["chosen"]), cfg.model)
+    rejected = require_finite(reward.score(pairs["prompt"], pairs["rejected"]), cfg.model)
     margins = torch.tensor([math.nan if m is None else m for m in pairs["margin"]], dtype=torch.float64)
     report = {"model": cfg.model, "data": cfg.data, "format": skips.format, "rows_read": skips.rows_in,
               "skipped": dict(skips.skipped)}

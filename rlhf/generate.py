@@ -10,7 +10,9 @@ One row per response: {"prompt": [messages], "response": text, "sample": k, "len
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,11 +49,13 @@ class GenerateConfig:
     """Sampling seed."""
     reward: RewardSpec = field(default_factory=lambda: RewardSpec(spec=""))
     """Optional: score every response (adds a `reward` field); empty spec: no reward."""
+    allow_pickle_weights: bool = False
+    """Load model or reward directories whose weights are only pickles (.bin). Unpickling can run code."""
 
 
 def check(cfg: GenerateConfig) -> None:
     """Refuse bad options before anything is loaded."""
-    from policies.models import ModelLoadError, _check_exists
+    from policies.models import _check_exists
 
     for name in ("samples_per_prompt", "max_new_tokens", "batch_size", "max_prompt_length"):
         if getattr(cfg, name) < 1:
@@ -64,11 +68,7 @@ def check(cfg: GenerateConfig) -> None:
         from rlhf.outputs import check_output_file
 
         check_output_file(cfg.output, "--output")
-    try:
-        _check_exists(cfg.model)
-    except ModelLoadError:
-        raise UserError(f"--model '{cfg.model}' does not exist (expected a model or adapter directory, "
-                        "or a hub id)") from None
+    _check_exists(cfg.model)  # a missing local path: one line naming the command that writes it
 
 
 def output_path(cfg: GenerateConfig) -> Path:
@@ -90,8 +90,8 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
         from reward.interface import load_reward
 
         reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
-                             batch_size=cfg.reward.batch_size)
-    model = load_lm(cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
+                             batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
+    model = load_lm(cfg.model, cfg.allow_pickle_weights).to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"--model: the tokenizer of '{cfg.model}' needs a PAD token distinct from EOS")
@@ -107,7 +107,11 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
             for i, (p, t, n, e) in enumerate(zip(repeated, texts, lengths, eos))]
     if reward is not None:
         for row, r in zip(rows, reward.score(repeated, texts).tolist()):
-            row["reward"] = r
+            row["reward"] = r if math.isfinite(r) else None  # JSON has no NaN: a reward that gave none is null
+        missing = sum(row["reward"] is None for row in rows)
+        if missing:
+            warnings.warn(f"reward '{cfg.reward.spec}' gave {missing} non-finite score(s) of {len(rows)}; "
+                          "written as null")
     return rows
 
 

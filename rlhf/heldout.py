@@ -31,6 +31,7 @@ from typing import Literal, Optional
 import torch
 
 from rlhf import ppo_core as core
+from rlhf.config import PromptFormat
 from rlhf.errors import UserError
 
 
@@ -55,7 +56,7 @@ class EvalConfig:
 
     prompts: Optional[str] = None
     """Held-out prompt source (same formats as data.train), never trained on. None: no evaluation."""
-    format: str = "auto"
+    format: PromptFormat = "auto"
     """Format of the prompt source, as data.format."""
     max_prompts: int = 64
     """Use the first N held-out prompts."""

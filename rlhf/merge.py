@@ -20,7 +20,9 @@ MERGEABLE = {"LORA", "IA3", "LN_TUNING"}
 
 
 def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",
-          allow_pickle_weights: bool = False) -> Path:
+          allow_pickle_weights: bool = False, option: str = "--allow_pickle_weights") -> Path:
+    """Write the adapter folded into its base to out_dir. `option` names the opt-in to pickle weights in
+    the refusal (the CLI flag, or the config field of the stage that merges)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,7 +49,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     for weights in (str(adapter), base):  # unpickling can run code: safetensors only unless asked
-        refuse_pickle_weights(weights, allow_pickle_weights, "--allow_pickle_weights")
+        refuse_pickle_weights(weights, allow_pickle_weights, option)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype,
                                                      use_safetensors=None if allow_pickle_weights else True)

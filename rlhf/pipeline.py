@@ -63,6 +63,67 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
+def _check_source(option: str, source: str | None) -> None:
+    """A data source that is a local file (or `builtin:`) exists; a hub dataset is left to its stage."""
+    from rlhf.sources import LOCAL_SUFFIXES, resolve_source
+
+    if source is None:
+        return
+    try:
+        path = resolve_source(source)
+    except UserError as e:
+        raise UserError(f"{option}: {e}") from None
+    if (Path(path).suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))) \
+            and not Path(path).expanduser().is_file():
+        raise UserError(f"{option}: data file '{source}' does not exist")
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """What the later stages read that does not come from an earlier stage, checked before the first
+    trains (a PPO prompt file that is missing must not cost an SFT and a reward model run): data files,
+    PPO's prompts (loaded: they are few), reward functions (imported), and ppo.stop_token (in the
+    vocabulary of the tokenizer the SFT stage passes on)."""
+    from policies import models
+    from reward.interface import is_function_spec, load_function
+    from rlhf import ppo
+
+    sizes = ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
+    sources = []
+    if "sft" in cfg.stages:
+        sources += [("sft.data.train", cfg.sft.data.train), ("sft.data.validation", cfg.sft.data.validation)]
+    if "reward" in cfg.stages:
+        sources += [("reward.data.train", cfg.reward.data.train),
+                    ("reward.data.validation", cfg.reward.data.validation)]
+    if "ppo" in cfg.stages:
+        sources += [("ppo.data.train", cfg.ppo.data.train), ("ppo.eval.prompts", cfg.ppo.eval.prompts)]
+    for option, source in sources:
+        _check_source(option, source)
+    if "ppo" not in cfg.stages:
+        return
+    prompts = ppo.load_prompts(cfg.ppo.data)
+    if len(prompts) < sizes.global_prompts:
+        raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
+                        f"({sizes.global_prompts})")
+    if cfg.ppo.eval.prompts is not None:
+        ppo.load_prompts(ppo.PromptDataConfig(train=cfg.ppo.eval.prompts, format=cfg.ppo.eval.format))
+    judge = cfg.ppo.eval.reward.spec
+    if judge is not None and (cfg.ppo.eval.reward.kind == "function" or is_function_spec(judge)):
+        load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
+    elif judge is not None and models.looks_local(judge) and not Path(judge).expanduser().exists():
+        raise UserError(f"ppo.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
+    stop = cfg.ppo.ppo.stop_token
+    if stop not in (None, "eos"):
+        source = cfg.sft.model if "sft" in cfg.stages else None
+        if source is not None and source.name_or_path == models.TINY:
+            from policies import tiny
+
+            vocab = tiny.load_tokenizer().get_vocab()
+        else:  # the base SFT starts from, or the SFT output already there; SFT keeps its vocabulary
+            name = source.name_or_path if source is not None else cfg.sft.output_dir
+            vocab = models.load_tokenizer(name, source or cfg.ppo.model).get_vocab()
+        ppo.check_stop_token(stop, vocab)
+
+
 def main(cfg: PipelineConfig) -> dict:
     from rlhf import ppo, reward_stage, sft
     from rlhf.outputs import check_output_dir
@@ -74,11 +135,11 @@ def main(cfg: PipelineConfig) -> dict:
     sft.check(cfg.sft)
     reward_stage.check(cfg.reward)
     ppo.check(cfg.ppo)
-    ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     for stage in ("sft", "reward"):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
                 and not (out / stage / "adapter_config.json").exists():
             raise UserError(f"stages leaves out '{stage}', but {out / stage} holds no trained model to reuse")
+    check_inputs(cfg)
     timings, results = {}, {}
     runners = {"sft": lambda: sft.main(cfg.sft), "reward": lambda: reward_stage.main(cfg.reward),
                "ppo": lambda: ppo.main(cfg.ppo)}

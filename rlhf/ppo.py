@@ -59,7 +59,7 @@ class PromptDataConfig:
     """Prompt source: local .jsonl/.json/.csv/.parquet, `builtin:NAME`, or a hub dataset. Rows with
     `messages` (the turns up to the last user turn are the prompt), `prompt` (text or messages), or
     any preference format of `rlhf data check` (HH-RLHF, UltraFeedback, ...: its prompts are used)."""
-    format: str = "auto"
+    format: config.PromptFormat = "auto"
     """`auto`, `messages`, `prompt`, or a preference format name (`hh_rlhf`, `ultrafeedback_binarized`, ...)."""
     column_map: dict[str, str] = field(default_factory=dict)
     """Rename source columns first, e.g. `{question: prompt}`."""
@@ -261,6 +261,16 @@ def check(cfg: PPOConfig) -> None:
         raise UserError("ppo.top_p must be in (0, 1]")
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
         raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
+    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
+        raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
+
+
+def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
+    """ppo.stop_token is `eos`, None, or a token of the policy's vocabulary (an unknown one would map to
+    no token: responses would never stop, and the EOS rate would read 1.0)."""
+    if stop_token not in (None, "eos") and stop_token not in vocab:
+        raise UserError(f"ppo.stop_token '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
+                        "null (run to max_new_tokens), or one token as the tokenizer spells it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +389,7 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
         path = str(Path(path).resolve())
     if (Path(path) / "adapter_config.json").exists():
         with unpartitioned(accelerator):
-            path = _merged_policy_base(path, out / "policy_base", is_main)
+            path = _merged_policy_base(path, out / "policy_base", is_main, cfg.model.allow_pickle_weights)
     tokenizer = models.load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
     rm_info = _critic_source(cfg, path, is_main, reward_given)
@@ -479,15 +489,17 @@ def _init_critic_from_reward(ac, spec: str, info: dict) -> None:
         ac.value_head.summary.bias.zero_()
 
 
-def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool) -> str:
+def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool, allow_pickle_weights: bool) -> str:
     """An SFT adapter becomes the PPO starting point by merging it into its base once (on disk, so
     QLoRA can load the merged weights in 4 bits and the saved PPO adapter names a real base)."""
+    from policies.models import refuse_pickle_weights_with_base
     from rlhf.distributed import barrier
     from rlhf.merge import merge
 
+    refuse_pickle_weights_with_base(adapter_dir, allow_pickle_weights)  # every rank: main alone would hang
     if is_main and not (out / "config.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        merge(adapter_dir, str(out))
+        merge(adapter_dir, str(out), allow_pickle_weights=allow_pickle_weights, option="model.allow_pickle_weights")
     barrier()  # torch's: accelerate's waits for nobody in a CPU DDP launch
     return str(out.resolve())
 
@@ -818,16 +830,19 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
 
         with unpartitioned(accelerator):  # a frozen scorer: whole on every process
             reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
-                                 batch_size=cfg.reward.batch_size, device=accelerator.device)
+                                 batch_size=cfg.reward.batch_size, device=accelerator.device,
+                                 allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer, ac, base_path = build_models(cfg, accelerator.is_main_process, accelerator,
                                             reward_given=reward_given)
     stop_id = None if p.stop_token is None else (
         tokenizer.eos_token_id if p.stop_token == "eos" else tokenizer.convert_tokens_to_ids(p.stop_token))
-    if p.stop_token not in (None, "eos") and p.stop_token not in tokenizer.get_vocab():
-        raise UserError(f"ppo.stop_token '{p.stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")
+    check_stop_token(p.stop_token, tokenizer.get_vocab())  # else "no stop token" and an EOS rate of 1.0
     if stop_id is not None and stop_id == tokenizer.pad_token_id:
         raise UserError("ppo.stop_token must differ from the PAD token")
+    evaluator = None  # its prompts and judge load before anything is written: a bad one leaves nothing
+    if cfg.eval.prompts is not None:
+        evaluator = HeldOutEval(cfg.eval, reward, p.temperature, p.max_new_tokens, p.max_prompt_length,
+                                accelerator, out)
 
     normalization = _reward_normalization(p.reward_normalization, reward, accelerator.is_main_process)
     groups = ac.parameter_groups()  # {"policy": [...], "critic": [...]}, trainable only
@@ -873,10 +888,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
                       f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
 
-    evaluator = None
-    if cfg.eval.prompts is not None:
-        evaluator = HeldOutEval(cfg.eval, reward, p.temperature, p.max_new_tokens, p.max_prompt_length,
-                                accelerator, out)
+    if evaluator is not None:
         evaluator.restore(history)
         if start_step == 0:  # the starting policy: the "before" of every report
             if accelerator.is_main_process:

@@ -135,6 +135,9 @@ def tokenize_pairs(pairs, tokenizer, max_length: int, use_margin: bool, margin_s
     if cut:
         print(f"{name}: {cut} of {len(rows)} pairs reach train.max_length={max_length} tokens; "
               "the start of their prompt is cut")
+    if len(rows) and all(c == r for c, r in zip(rows["chosen_ids"], rows["rejected_ids"])):
+        raise UserError(f"{name}: after cutting to train.max_length={max_length} tokens the chosen and rejected "
+                        "sequence of every pair are identical: nothing to learn; raise train.max_length")
     return rows
 
 

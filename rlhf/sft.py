@@ -100,6 +100,11 @@ def build(cfg: SFTConfig):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, peft_config=models.peft_config(cfg.peft, "CAUSAL_LM", base),
                              callbacks=callbacks)
+    # TRL drops rows whose loss mask is empty (the completion cut away by max_length): none may be left
+    for name, ds in (("training", trainer.train_dataset), ("validation", trainer.eval_dataset)):
+        if ds is not None and len(ds) == 0:
+            raise UserError(f"no {name} rows left after tokenizing: every row's completion lies beyond "
+                            f"train.max_length={cfg.train.max_length} tokens; raise train.max_length")
     trainable, total = models.count_parameters(trainer.model)
     print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
           f"({100 * trainable / total:.4f}%)")

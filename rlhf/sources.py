@@ -7,7 +7,9 @@ malformed line is reported with its file and line number (datasets' own reader r
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -33,15 +35,36 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def _not_utf8(path, line: int, offset: int, byte: bytes) -> UserError:
+    return UserError(f"{path}:{line}: not valid UTF-8 (byte {offset}: {byte!r}); save the file as UTF-8")
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A text file's contents; bytes that are not UTF-8 are a UserError naming the file, line and byte."""
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
-                        "save the file as UTF-8") from None
+        raise _not_utf8(path, data[:e.start].count(b"\n") + 1, e.start, data[e.start:e.start + 1]) from None
+
+
+def check_utf8(path: str | os.PathLike, chunk: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 (naming line and byte) without holding it in memory: for the files
+    handed to another reader (csv), whose own decoding error names neither."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed, lines = 0, 0  # bytes and newlines of the chunks decoded so far
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:  # e.object is pending + block
+                raise _not_utf8(path, lines + e.object[:e.start].count(b"\n") + 1, fed - len(pending) + e.start,
+                                e.object[e.start:e.start + 1]) from None
+            if not block:
+                return
+            fed, lines = fed + len(block), lines + block.count(b"\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -82,6 +105,16 @@ def _read_json(path: str) -> list[dict]:
     return data
 
 
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception: datasets wraps the reader's own message ("Expected 2
+    fields in line 3, saw 3") in "An error occurred while generating the dataset"."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_rows(source: str, split: str = "train"):
     """Load `source` as a `datasets.Dataset`.
 
@@ -107,13 +140,19 @@ def load_rows(source: str, split: str = "train"):
                 return datasets.Dataset.from_list(rows)
             except (TypeError, ValueError, OverflowError, ArithmeticError) as e:  # arrow: no common type, a huge int
                 raise UserError(f"{source}: rows do not share one schema ({str(e).splitlines()[0]})") from None
+        if kind == "csv":
+            check_utf8(source)
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a local file reads in a blink; its bars only clutter stderr
+        logger = logging.getLogger("datasets")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # its "Failed to read file" line would repeat our one-line error
         try:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as e:  # pyarrow/pandas parse errors carry no common type
-            raise UserError(f"{source}: could not be read as {kind} ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{source}: could not be read as {kind} ({_root_cause(e)})") from None
         finally:
+            logger.setLevel(level)
             if bars:
                 datasets.enable_progress_bars()
         if len(ds) == 0:

@@ -5,14 +5,18 @@ learning rate, an unknown scheduler) or would silently reinterpret (a negative `
 
 Domains are keyed by field name: the same name means the same thing in every section (`learning_rate`
 of SFT, the reward model and PPO). `None` is always accepted where the field's type allows it (it means
-"the default" there). Every float must be finite.
+"the default" there). Every float must be finite, also inside mappings (`weights`). A `Literal[...]` field
+(a format, a PEFT method) accepts only its names, also for configs built in Python. `RELATIONS` are the few
+checks between fields of one section (the tiny model's head counts), run after the fields' own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+import types
+import typing
+from typing import Any, Callable, Literal
 
 from rlhf.errors import UserError
 
@@ -36,7 +40,7 @@ DOMAINS: dict[str, Check] = {
         "r", "samples_per_prompt", "save_steps", "save_total_limit", "steps", "cpu_threads",
         "early_stopping_patience"], POSITIVE_INT),
     **dict.fromkeys([
-        "sample_every", "seed", "warmup_steps", "weight_decay", "entropy_coef", "vf_coef", "kl_coef", "max_grad_norm",
+        "sample_every", "weight_decay", "entropy_coef", "vf_coef", "kl_coef", "max_grad_norm",
         "critic_max_grad_norm", "early_stopping_threshold", "center_rewards_coefficient", "learning_rate",
         "critic_learning_rate"], NON_NEGATIVE),
     **dict.fromkeys(["num_train_epochs", "kl_target", "cliprange", "cliprange_value", "reward_clip", "margin_scale"],
@@ -50,6 +54,18 @@ DOMAINS: dict[str, Check] = {
     "validation_split": SPLIT,
     "test_split": SPLIT,
     "max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or a positive integer"),
+    # numpy's and torch's generators take 32-bit seeds: a larger one fails inside set_seed
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
+    # < 1: a share of the optimizer steps; from 1: a number of steps (2.5 steps would be cut to 2 silently)
+    "warmup_steps": (lambda v: v >= 0 and (v < 1 or float(v).is_integer()),
+                     "a fraction in [0, 1) or a whole number of steps"),
+    "min_score_ratio": POSITIVE,
+    "missing_eos_penalty": (lambda v: True, "a finite number"),  # any sign: a penalty, or a bonus for stopping
+    # the benchmarks' sizes (bench_align.check states the domains of the rest of its fields)
+    **dict.fromkeys(["sft_rows", "sft_steps", "pair_prompts", "rm_steps", "rollout_batch", "eval_prompts", "rloo_k",
+                     "tiny_vocab_size", "lora_r", "prompt_length", "response_length"], POSITIVE_INT),
+    "bt_beta": POSITIVE,
+    "rm_learning_rate": NON_NEGATIVE,
 }
 
 
@@ -59,22 +75,90 @@ def _scheduler_names() -> list[str]:
     return [s.value for s in SchedulerType]
 
 
+def _attn_implementations() -> list[str]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def _literal_names(tp: Any) -> tuple | None:
+    """The names a `Literal[...]` (or `Optional[Literal[...]]`) type accepts; None for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((typing.get_args(a) for a in typing.get_args(tp) if typing.get_origin(a) is Literal), None)
+    return None
+
+
+def _tiny_heads(cfg: Any, prefix: str) -> None:
+    """The tiny Llama's attention shapes: heads split hidden_size, key/value heads group the heads, and
+    rotary embeddings need an even head dimension (else a shape error deep in the first forward)."""
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(f"{prefix}hidden_size ({cfg.hidden_size}) must be divisible by {prefix}num_attention_heads "
+                        f"({cfg.num_attention_heads})")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise UserError(f"{prefix}num_attention_heads ({cfg.num_attention_heads}) must be divisible by "
+                        f"{prefix}num_key_value_heads ({cfg.num_key_value_heads})")
+    if (cfg.hidden_size // cfg.num_attention_heads) % 2:
+        raise UserError(f"{prefix}hidden_size / {prefix}num_attention_heads = "
+                        f"{cfg.hidden_size // cfg.num_attention_heads} must be even (rotary embeddings)")
+
+
+def _fits_tiny(cfg: Any, prefix: str) -> None:
+    """A stage on the built-in tiny model: its sequences fit the model's positions (beyond them rotary
+    embeddings extrapolate without an error, and the model is silently trained out of its range)."""
+    if cfg.model.name_or_path != "tiny":
+        return
+    if hasattr(cfg, "train"):
+        need, what = cfg.train.max_length, f"{prefix}train.max_length"
+    else:
+        need = cfg.ppo.max_prompt_length + cfg.ppo.max_new_tokens
+        what = f"{prefix}ppo.max_prompt_length + {prefix}ppo.max_new_tokens"
+    limit = cfg.model.tiny.max_position_embeddings
+    if need > limit:
+        raise UserError(f"{what} ({need}) exceeds {prefix}model.tiny.max_position_embeddings ({limit})")
+
+
+RELATIONS: dict[str, Callable[[Any, str], None]] = {
+    "TinyModelConfig": _tiny_heads,
+    **dict.fromkeys(["SFTConfig", "RewardConfig", "ClassifierConfig", "PPOConfig"], _fits_tiny),
+}
+
+
 def validate(cfg: Any, prefix: str = "") -> None:
     """Check every field of the dataclass `cfg` (and its sections) against its domain."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             validate(value, name + ".")
             continue
-        if value is None or isinstance(value, bool):
+        if value is None:
+            continue
+        names = _literal_names(hints.get(f.name))
+        if names is not None and value not in names:
+            raise UserError(f"{name}: unknown value {value!r}; expected one of {', '.join(map(str, names))}")
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, dict):  # a mapping's numbers (HelpSteer2 attribute weights) are finite too
+            bad = [k for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise UserError(f"{name}.{bad[0]} must be a finite number, got {value[bad[0]]}")
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, got {value}")
         if f.name == "lr_scheduler_type" and value not in _scheduler_names():
             raise UserError(f"{name}: unknown scheduler '{value}'; expected one of {', '.join(_scheduler_names())}")
+        # a hub kernel (`kernels-community/flash-attn`) is named owner/name; anything else transformers knows
+        if f.name == "attn_implementation" and "/" not in value and value not in _attn_implementations():
+            raise UserError(f"{name}: unknown attention implementation '{value}'; expected one of "
+                            f"{', '.join(_attn_implementations())} (or a hub kernel owner/name)")
         check = DOMAINS.get(f.name)
         if check is not None and isinstance(value, (int, float)) and not check[0](value):
             raise UserError(f"{name} must be {check[1]}, got {value}")
+    relation = RELATIONS.get(type(cfg).__name__)
+    if relation is not None:
+        relation(cfg, prefix)
 
 
 def domain_of(name: str) -> str | None:

@@ -49,6 +49,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkeypatc
     resumed = ppo.main(config.parse(ppo.PPOConfig, args(out, sft_policy) + ["--resume", "latest",
                                     "--tracking.report_to", "wandb"], "t"), reward=DigitReward())
     assert stable(resumed) == stable(straight)
+    # The linear schedule moves every step, so the equality above (lr, lr_critic of steps 5-6) shows the
+    # scheduler restored from ppo_state.json continues where it stopped, not from its start.
+    assert straight[5]["lr"] < straight[4]["lr"] < straight[3]["lr"] < straight[0]["lr"]
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5 of the killed run is not logged twice
     a = load_file(tmp_path / "straight" / "checkpoint-6" / "model.safetensors")

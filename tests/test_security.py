@@ -105,6 +105,11 @@ def pickle_only_models(tmp_path_factory):
     as_pickle(root / "adapter", "adapter_model.bin")
     cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
     (root / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(root / "lm_safe")}))
+    # a safetensors adapter (an SFT output) whose base holds only pytorch_model.bin
+    adapter.save_pretrained(root / "adapter_on_pickle_base")
+    tok.save_pretrained(root / "adapter_on_pickle_base")
+    (root / "adapter_on_pickle_base" / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": str(root / "lm")}))
     rm = AutoModelForSequenceClassification.from_pretrained(root / "lm_safe", num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
     rm.save_pretrained(root / "rm")
@@ -145,3 +150,29 @@ def test_cli_refuses_pickle_weights_in_one_line(pickle_only_models, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "rlhf merge: error:" in p.stderr and "--allow_pickle_weights" in p.stderr
+
+
+def test_adapter_loads_check_the_adapter_and_its_base(pickle_only_models, tmp_path):
+    """The reviewer's cases: a reward/classifier run or PPO starting from an SFT adapter whose base holds only
+    pytorch_model.bin, and `rlhf eval policy` / `rlhf generate` on an adapter_model.bin (peft loads it by
+    itself when there is no safetensors)."""
+    from policies.config import ModelConfig
+    from policies.models import ModelLoadError
+    from reward.models import merged_base
+    from rlhf.eval_policy import load_lm
+
+    root = pickle_only_models
+    on_pickle_base = str(root / "adapter_on_pickle_base")
+    with pytest.raises(ModelLoadError, match=r"lm' holds its weights only as pickles.*model.allow_pickle_weights"):
+        merged_base(on_pickle_base, tmp_path / "rm_base", ModelConfig(name_or_path=on_pickle_base))
+    assert not (tmp_path / "rm_base").exists()
+    merged = merged_base(on_pickle_base, tmp_path / "rm_base",
+                         ModelConfig(name_or_path=on_pickle_base, allow_pickle_weights=True))
+    assert (tmp_path / "rm_base" / "model.safetensors").exists() and merged == str(tmp_path / "rm_base")
+    with pytest.raises(ModelLoadError, match=r"lm' holds.*model.allow_pickle_weights"):
+        ppo._merged_policy_base(on_pickle_base, tmp_path / "policy_base", True, False)
+    assert not (tmp_path / "policy_base").exists()
+    for adapter in (root / "adapter", on_pickle_base):
+        with pytest.raises(ModelLoadError, match="pickles.*--allow_pickle_weights"):
+            load_lm(str(adapter))
+        assert load_lm(str(adapter), allow_pickle_weights=True).config.hidden_size > 0
