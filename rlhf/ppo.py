@@ -43,6 +43,7 @@ from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
 from rlhf.heldout import EvalConfig, HeldOutEval
 from rlhf.outputs import user_run
+from rlhf.rollout_engine import VLLMConfig
 
 STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
 
@@ -170,6 +171,11 @@ class PPOHyperparameters:
     noise; off by default. The `policy/entropy` metric is not measured then."""
     forward_batch_size: Optional[int] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts: `hf` (transformers' generate on the trained model) or `vllm` (a vLLM
+    engine in its own process, settings under `vllm:`; a LoRA policy is handed to it as an adapter after
+    each update, full weights are loaded into it). The trainer recomputes the logprobs either way and logs
+    `rollout/logprob_diff`, the engine's disagreement with it."""
     critic_init: Literal["auto", "policy", "reward"] = "auto"
     """Start the critic from the policy (value head random), or from the reward model (InstructGPT, N+
     details): its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full
@@ -190,6 +196,8 @@ class PPOConfig:
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine, read when ppo.rollout_engine is `vllm`."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/ppo"
     """Checkpoints, the final policy (and critic), metrics.jsonl, the resolved config."""
@@ -261,6 +269,9 @@ def check(cfg: PPOConfig) -> None:
         raise UserError("ppo.top_p must be in (0, 1]")
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
         raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
+    if p.rollout_engine == "vllm" and p.logprobs_from_generation:
+        raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
+                        "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
     if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
         raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
 
@@ -794,12 +805,57 @@ def peak_memory_gb() -> float:
 
 
 def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[dict]:
-    """Run PPO (see `_run`); a run refused for its input leaves no output directory it created."""
-    with user_run(cfg.output_dir):
-        return _run(cfg, reward, on_step, save)
+    """Run PPO (see `_run`); a run refused for its input leaves no output directory it created, and a
+    rollout engine it started stops with it, however it ends."""
+    from contextlib import ExitStack
+
+    with user_run(cfg.output_dir), ExitStack() as cleanup:
+        return _run(cfg, reward, on_step, save, cleanup)
 
 
-def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[dict]:
+# ---------------------------------------------------------------------------------------------
+# the vLLM rollout engine (see rlhf/rollout_engine.py)
+
+
+def start_engine(cfg: PPOConfig, base_path: str, accelerator, out: Path):
+    """This process's vLLM engine, serving the policy's base (LoRA) or its initial weights (full)."""
+    from policies.models import torch_dtype
+    from rlhf.rollout_engine import VLLMEngine
+
+    p = cfg.ppo
+    dtype = cfg.vllm.dtype if cfg.vllm.dtype != "auto" else \
+        {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype(cfg.model)]
+    rank = accelerator.process_index
+    return VLLMEngine(cfg.vllm, base_path, dtype=dtype, seed=cfg.seed if cfg.vllm.seed is None else cfg.vllm.seed,
+                      max_model_len=cfg.vllm.max_model_len or p.max_prompt_length + p.max_new_tokens,
+                      lora_rank=None if cfg.peft.method == "full" else cfg.peft.r,
+                      log_path=out / ("vllm_engine.log" if accelerator.num_processes == 1 else f"vllm_engine_{rank}.log"),
+                      max_num_seqs=p.per_device_rollout_batch_size, device=accelerator.device,
+                      threads=torch.get_num_threads())
+
+
+def sync_engine(engine, model, accelerator, version: int, weights_file: Path) -> None:
+    """Hand the policy's current weights to the engine: the policy adapter alone (LoRA), or the full
+    weights written once per node and loaded by every engine (full). Under ZeRO-3 they are gathered."""
+    from policies.actor_critic import POLICY as POLICY_ADAPTER
+    from rlhf.distributed import barrier
+    from rlhf.rollout_engine import write_adapter, write_full_weights
+
+    with _generation_context(model, accelerator) as ac:
+        if engine.lora_rank is not None:
+            adapter = write_adapter(ac.policy, POLICY_ADAPTER, engine.adapter_root / f"v{version}")
+            engine.set_adapter(str(adapter), version)
+            stale = engine.adapter_root / f"v{version - 2}"  # the one before the previous: no longer served
+            shutil.rmtree(stale, ignore_errors=True)
+            return
+        if accelerator.is_local_main_process:
+            write_full_weights(ac.policy, weights_file)
+    barrier()
+    engine.load_weights(str(weights_file))
+    barrier()  # every engine has read the file before it is overwritten
+
+
+def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=None) -> list[dict]:
     """Run PPO; returns the per-iteration metrics (also in output_dir/metrics.jsonl and W&B).
     `reward` overrides cfg.reward (any object with `score(prompts, responses, normalize)`).
     `on_step(step, actor_critic, tokenizer)`, if given, runs on every process after each iteration
@@ -900,6 +956,16 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
 
     rank = accelerator.process_index
     sum_over_processes = (lambda t: accelerator.reduce(t, "sum")) if sizes.world > 1 else None  # noqa: E731
+    engine = None
+    if p.rollout_engine == "vllm":
+        from rlhf.rollout_engine import Sampling, logprob_diff, pad_responses, request_seeds, shared_weights_file
+
+        engine = start_engine(cfg, base_path, accelerator, out)
+        cleanup.callback(engine.close)
+        weights_file = shared_weights_file(out)
+        cleanup.callback(weights_file.unlink, missing_ok=True)
+        engine_sampling = Sampling(p.temperature, p.top_p, p.max_new_tokens, stop_id)
+        accelerator.print(f"ppo: vLLM engine started in {engine.start_seconds:.1f} s (log: {engine.log_path})")
     eos_history: list[float] = []
     bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
                disable=not accelerator.is_main_process)
@@ -913,12 +979,22 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         batch_prompts = [prompts[i] for i in idx.tolist() for _ in range(p.samples_per_prompt)]
 
         # 1. rollout
-        query_ids, query_mask = left_pad(encode_prompts(tokenizer, batch_prompts, p.max_prompt_length),
-                                         tokenizer.pad_token_id)
+        encoded = encode_prompts(tokenizer, batch_prompts, p.max_prompt_length)
+        query_ids, query_mask = left_pad(encoded, tokenizer.pad_token_id)
         query_ids, query_mask = query_ids.to(accelerator.device), query_mask.to(accelerator.device)
-        with _generation_context(model, accelerator) as gen_model, accelerator.autocast():
-            responses = generate(gen_model.generation_model(), query_ids, query_mask, p, stop_id,
-                                 tokenizer.pad_token_id, with_logprobs=p.logprobs_from_generation)
+        if engine is not None:  # the engine serves the weights of the last update (synced after it)
+            engine.wake_up()
+            if step == start_step:
+                sync_engine(engine, model, accelerator, step, weights_file)
+            tokens, token_logprobs = engine.generate(encoded, engine_sampling,
+                                                     request_seeds(cfg.seed, step, rank, len(encoded)))
+            engine.sleep()
+            responses, engine_logprobs = pad_responses(tokens, token_logprobs, tokenizer.pad_token_id,
+                                                       accelerator.device)
+        else:
+            with _generation_context(model, accelerator) as gen_model, accelerator.autocast():
+                responses = generate(gen_model.generation_model(), query_ids, query_mask, p, stop_id,
+                                     tokenizer.pad_token_id, with_logprobs=p.logprobs_from_generation)
         if p.logprobs_from_generation:
             responses, sampled_logprobs = responses
         if stop_id is not None:
@@ -930,6 +1006,8 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         responses, response_mask = responses[:, :longest], response_mask[:, :longest]
         if p.logprobs_from_generation:
             sampled_logprobs = sampled_logprobs[:, :longest].masked_fill(~response_mask, 0.0)
+        if engine is not None:
+            engine_logprobs = engine_logprobs[:, :longest]
         contains_eos = (responses == stop_id).any(-1) if stop_id is not None else torch.ones_like(response_mask[:, 0])
         t_gen = time.perf_counter()
 
@@ -941,6 +1019,21 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             entropy=True, policy=not p.logprobs_from_generation)
         if p.logprobs_from_generation:
             logprobs = sampled_logprobs
+        engine_metrics = {}
+        if engine is not None:  # is the engine serving the policy's weights?
+            diff_mean, diff_max = logprob_diff(engine_logprobs, logprobs, response_mask)
+            diffs = accelerator.gather(torch.tensor([[diff_mean, diff_max]], device=accelerator.device))
+            engine_metrics = {"rollout/logprob_diff": diffs[:, 0].mean().item(),
+                              "rollout/logprob_diff_max": diffs[:, 1].max().item()}
+            if engine_metrics["rollout/logprob_diff"] > cfg.vllm.max_logprob_diff:
+                from rlhf.rollout_engine import EngineError
+
+                raise EngineError(
+                    f"step {step}: the vLLM engine's sampled-token logprobs differ from the policy's by "
+                    f"{engine_metrics['rollout/logprob_diff']:.4g} nats on average (max "
+                    f"{engine_metrics['rollout/logprob_diff_max']:.4g}), above vllm.max_logprob_diff="
+                    f"{cfg.vllm.max_logprob_diff}: it is not serving the policy's weights (a stale sync, or a "
+                    "dtype gap: vllm.dtype); the run stops rather than train off-policy")
         t_fwd = time.perf_counter()
 
         # 3. score
@@ -977,6 +1070,11 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, r, p,
                                  sizes, torch.Generator().manual_seed(cfg.seed * 1000003 + step))
         t_train = time.perf_counter()
+        if engine is not None and step + 1 < p.steps:  # the next rollout samples from the updated policy
+            engine.wake_up()
+            sync_engine(engine, model, accelerator, step + 1, weights_file)
+            engine.sleep()
+        t_sync = time.perf_counter()
 
         # metrics (means over every process)
         seq_kl = kl.sum(-1)
@@ -1006,8 +1104,10 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
             "time/forward": t_fwd - t_gen,
             "time/score": t_score - t_fwd,
             "time/train": t_train - t_score,
-            "time/step": t_train - t0,
-            "tokens_per_second": n_tokens / (t_train - t0),
+            **({"time/sync": t_sync - t_train} if engine is not None else {}),
+            "time/step": t_sync - t0,
+            "tokens_per_second": n_tokens / (t_sync - t0),
+            **engine_metrics,
             "memory/peak_gb": peak_memory_gb(),
         }
         kl_ctl.update(metrics["objective/kl"], sizes.global_rollout)
