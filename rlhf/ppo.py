@@ -880,6 +880,10 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts} = {p.per_device_rollout_batch_size} / ppo.samples_per_prompt "
                         f"{p.samples_per_prompt} x {sizes.world} processes)")
+    if p.rollout_engine == "vllm":  # an engine environment that is missing: said before anything is written
+        from rlhf.rollout_engine import find_python
+
+        find_python(cfg.vllm.python)
     reward_given = reward is not None
     if reward is None:
         from reward.interface import load_reward

@@ -37,3 +37,11 @@ def digit_fraction_then_crash(prompts, responses):
 def response_chars(prompts, responses):
     """Length of the response in characters: differs between almost any two answers."""
     return [float(len(r)) for r in responses]
+
+
+class LengthReward:
+    """Characters per response / 100: every sampled token moves it, so even a random-init policy raises
+    it within a few PPO steps (the vLLM engine tests start from one)."""
+
+    def score(self, prompts, responses, normalize=False):
+        return torch.tensor([len(r) / 100 for r in responses], dtype=torch.float32)
