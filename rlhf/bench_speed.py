@@ -48,7 +48,7 @@ SHAPES = {
 }
 # Dense bf16 tensor-core peak, FLOP/s (vendor datasheets; SXM parts).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-TRAINERS = ("ours", "trl_rloo", "trl_ppo")
+TRAINERS = ("ours", "ours_vllm", "trl_rloo", "trl_ppo")
 
 
 @dataclass
@@ -90,7 +90,10 @@ class BenchSpeedConfig:
     cpu_threads: Optional[int] = None
     """Intra-op threads of our run on a CPU (None: the cores this process may use)."""
     trainers: list[str] = field(default_factory=lambda: list(TRAINERS))
-    """Which to measure, of `ours`, `trl_rloo`, `trl_ppo`."""
+    """Which to measure, of `ours` (HF generate), `ours_vllm` (our PPO with `ppo.rollout_engine: vllm`;
+    skipped without a vLLM environment), `trl_rloo`, `trl_ppo`. Each result is written when it is done."""
+    vllm_python: Optional[str] = None
+    """`ours_vllm`: Python of the vLLM environment (default: as `vllm.python`)."""
     trl_ppo_python: Optional[str] = None
     """Python of the virtual environment with TRL 1.12 (default: .venv-trl-ppo/bin/python if it exists)."""
     output_dir: str = "runs/bench_speed"
@@ -269,9 +272,23 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
+def run_ours_vllm(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
+    from rlhf import rollout_engine
+
+    name = "rlhf PPO (ours, vLLM rollouts)"
+    if cfg.vllm_python is None and rollout_engine.available() is None:
+        return {"trainer": name, "skipped": "no vLLM environment: create one with `python -m rlhf.vllm_env` "
+                "(or pass --vllm_python PATH)"}
+    try:
+        return run_ours(cfg, m, out, engine="vllm")
+    except rollout_engine.EngineError as e:  # e.g. vLLM's CPU attention refuses head_dim 16 (the tiny shape)
+        return {"trainer": name, "skipped": f"failed: {e}"}
+
+
+def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> dict:
     from policies.config import ModelConfig, PeftConfig
     from rlhf import ppo, synthetic
+    from rlhf.rollout_engine import VLLMConfig
 
     prompts = out / "data" / "prompts.jsonl"
     synthetic.write_jsonl([{"prompt": p} for p in as_messages(m["prompt_ids"])], prompts)
@@ -286,14 +303,21 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
                                    num_mini_batches=cfg.num_mini_batches, ppo_epochs=cfg.ppo_epochs, learning_rate=1e-6,
                                    temperature=1.0, max_new_tokens=cfg.response_length,
                                    max_prompt_length=cfg.prompt_length, stop_token=None,
-                                   logprobs_from_generation=cfg.logprobs_from_generation),
-        output_dir=str(out / "ours"), seed=cfg.seed, sample_every=0, cpu_threads=cfg.cpu_threads),
+                                   logprobs_from_generation=cfg.logprobs_from_generation and engine == "hf",
+                                   rollout_engine=engine),
+        vllm=VLLMConfig(python=cfg.vllm_python),
+        output_dir=str(out / ("ours" if engine == "hf" else "ours_vllm")), seed=cfg.seed, sample_every=0,
+        cpu_threads=cfg.cpu_threads),
         reward=reward, save=False)
     timed = history[cfg.warmup_steps:]
-    times = [{"generate": h["time/generate"], "forward": h["time/forward"], "score": h["time/score"],
-              "train": h["time/train"], "total": h["time/step"]} for h in timed]
+    times = [{"generate": h["time/generate"] + h.get("time/sync", 0.0), "forward": h["time/forward"],
+              "score": h["time/score"], "train": h["time/train"], "total": h["time/step"]} for h in timed]
     tokens = sum(h["tokens_per_second"] * h["time/step"] for h in timed) / len(timed)
-    result = {"trainer": "rlhf PPO (ours)", **_summary(times, tokens, max(h["memory/peak_gb"] for h in history))}
+    name = "rlhf PPO (ours)" if engine == "hf" else "rlhf PPO (ours, vLLM rollouts)"
+    result = {"trainer": name, **_summary(times, tokens, max(h["memory/peak_gb"] for h in history))}
+    if engine == "vllm":  # generate includes handing the weights to the engine after each update
+        result["sync_seconds"] = sum(h["time/sync"] for h in timed) / len(timed)
+        result["logprob_diff"] = max(h["rollout/logprob_diff"] for h in history)
     n_matmul, n_head = matmul_params(m["config"], m["n_params"])
     flops = iteration_flops(n_matmul, n_head, cfg.batch_size, cfg.prompt_length, cfg.response_length,
                             cfg.ppo_epochs, cfg.peft, not cfg.logprobs_from_generation)
@@ -362,17 +386,18 @@ def markdown(cfg: BenchSpeedConfig, r: dict) -> str:
              f"{cfg.prompt_length} + response {cfg.response_length} tokens; {cfg.ppo_epochs} PPO epoch(s) x "
              f"{cfg.num_mini_batches} mini-batch(es); mean of {cfg.steps} iteration(s) after {cfg.warmup_steps} "
              "warm-up.", "",
-             "| trainer | tokens/s | s/iteration | generate | forward | score | train | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| trainer | tokens/s | s/iteration | generate | generate share | forward | score | train | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in r["results"]:
         if "skipped" in res:
-            lines.append(f"| {res['trainer']} | skipped: {res['skipped']} | | | | | | |")
+            lines.append(f"| {res['trainer']} | skipped: {res['skipped']} | | | | | | | |")
             continue
         t = res["time"]
         cell = lambda k: f"{t[k]:.3f}" if k in t else "–"  # noqa: E731
+        share = f"{100 * t['generate'] / t['total']:.0f}%" if "generate" in t else "–"
         lines.append(f"| {res['trainer']} | {res['tokens_per_second']:,.0f} | {t['total']:.3f} | {cell('generate')} | "
-                     f"{cell('forward')} | {cell('score')} | {cell('train')} | {res['peak_memory_gb']:.2f} |")
-    ours = next((x for x in r["results"] if x["trainer"].startswith("rlhf") and "skipped" not in x), None)
+                     f"{share} | {cell('forward')} | {cell('score')} | {cell('train')} | {res['peak_memory_gb']:.2f} |")
+    ours = next((x for x in r["results"] if x["trainer"] == "rlhf PPO (ours)" and "skipped" not in x), None)
     if ours is not None:
         lines += ["", f"Our model FLOPs per iteration: {ours['model_flops_per_iteration']:.3e}; achieved "
                   f"{ours['achieved_flops_per_second'] / 1e12:.3f} TFLOP/s" +
@@ -380,8 +405,18 @@ def markdown(cfg: BenchSpeedConfig, r: dict) -> str:
                    if ours.get("mfu") is not None else " (no peak known for this device).")]
     lines += ["", "Forward: logprobs of policy and reference and the critic's values (TRL's trainers fold these "
               "into other phases where '–'). Peak memory: GPU max allocated, or the process's max RSS on a CPU "
-              "(cumulative over the run, so later trainers in one process show at least the earlier peak)."]
+              "(cumulative over the run, so later trainers in one process show at least the earlier peak; the "
+              "vLLM engine's own process is not counted). With vLLM rollouts, generate includes handing the "
+              "updated weights to the engine."]
     return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, cfg: BenchSpeedConfig, report: dict) -> None:
+    """result.json and result.md with the trainers measured so far (each written whole, then renamed)."""
+    for name, text in (("result.json", json.dumps(report, indent=2, default=str)), ("result.md", markdown(cfg, report))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
 
 def main(cfg: BenchSpeedConfig) -> dict:
@@ -392,19 +427,23 @@ def main(cfg: BenchSpeedConfig) -> dict:
     device, peak = device_peak_flops()
     report = {"model": cfg.model, "n_params": m["n_params"], "device": device, "peak_flops": peak,
               "dtype": str(_dtype(cfg)).removeprefix("torch."), "results": []}
-    runners = {"ours": run_ours, "trl_rloo": run_trl_rloo, "trl_ppo": run_trl_ppo}
-    for name in cfg.trainers:
-        print(f"\n=== bench speed: {name} ===")
-        res = runners[name](cfg, m, out)
-        if name == "ours":
-            res["mfu"] = res["achieved_flops_per_second"] / peak if peak else None
-        report["results"].append(res)
+    runners = {"ours": run_ours, "ours_vllm": run_ours_vllm, "trl_rloo": run_trl_rloo, "trl_ppo": run_trl_ppo}
     from rlhf import config
 
     report["config"] = config.to_dict(cfg)
-    (out / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    for name in cfg.trainers:
+        print(f"\n=== bench speed: {name} ===")
+        try:
+            res = runners[name](cfg, m, out)
+        except UserError:
+            raise
+        except Exception as e:  # one trainer failing loses neither the others' results nor the run
+            res = {"trainer": name, "skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        if name in ("ours", "ours_vllm") and "skipped" not in res:
+            res["mfu"] = res["achieved_flops_per_second"] / peak if peak else None
+        report["results"].append(res)
+        _write(out, cfg, report)  # as soon as each trainer is done
     md = markdown(cfg, report)
-    (out / "result.md").write_text(md)
     print("\n" + md)
     print(f"written: {out / 'result.json'}, {out / 'result.md'}")
     return report

@@ -1078,7 +1078,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             engine.wake_up()
             sync_engine(engine, model, accelerator, step + 1, weights_file)
             engine.sleep()
-        t_sync = time.perf_counter()
+        t_sync = time.perf_counter() if engine is not None else t_train
 
         # metrics (means over every process)
         seq_kl = kl.sum(-1)

