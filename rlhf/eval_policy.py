@@ -13,9 +13,10 @@ sample), printed and written as JSON and Markdown (and to W&B when tracking is o
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -24,6 +25,7 @@ from rlhf import tracking
 from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
 from rlhf.ppo import PromptDataConfig, RewardSpec, encode_prompts, left_pad, load_prompts, position_ids
+from rlhf.rollout_engine import VLLMConfig
 
 
 @dataclass
@@ -57,6 +59,11 @@ class EvalPolicyConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     allow_pickle_weights: bool = False
     """Load model or reward directories whose weights are only pickles (.bin). Unpickling can run code."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples the responses: `hf` (transformers' generate) or `vllm` (an engine in its own process;
+    an adapter is served on its base). The KL is computed by the models themselves either way."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine, with `engine: vllm`."""
 
 
 def load_lm(path: str, allow_pickle_weights: bool = False):
@@ -79,22 +86,73 @@ def load_lm(path: str, allow_pickle_weights: bool = False):
 @torch.no_grad()
 def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
     """[(query ids (B, P), query mask (B, P), responses (B, A), response mask (B, A))] for every
-    prompt, `cfg.batch_size` prompts at a time (cfg: anything with the sampling fields of EvalPolicyConfig)."""
+    prompt, `cfg.batch_size` prompts at a time (cfg: anything with the sampling fields of EvalPolicyConfig).
+    `model` is a causal LM (transformers' generate, with a generation config built only from cfg: none of
+    the model's own penalties or top_k), or a `(VLLMEngine, None)` pair from `open_engine`."""
+    from rlhf.ppo import sample as hf_sample
+    from rlhf.ppo import sampling_config
+
     torch.manual_seed(seed)
+    if isinstance(model, tuple):
+        return _sample_engine(model[0], tokenizer, prompts, cfg, seed)
     out = []
     device = next(model.parameters()).device
+    gen_config = sampling_config(cfg.temperature, cfg.top_p, cfg.max_new_tokens, tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id)
     for i in range(0, len(prompts), cfg.batch_size):
         ids, mask = left_pad(encode_prompts(tokenizer, prompts[i:i + cfg.batch_size], cfg.max_prompt_length),
                              tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
-            else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
-        responses, rmask = core.truncate_after_stop_token(gen[:, ids.shape[1]:], tokenizer.eos_token_id,
-                                                          tokenizer.pad_token_id)
+        gen = hf_sample(model, ids, mask, gen_config)
+        responses, rmask = core.truncate_after_stop_token(gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
         out.append((ids, mask, responses, rmask))
     return out
+
+
+def _sample_engine(engine, tokenizer, prompts, cfg, seed: int):
+    """`sample` with a vLLM engine: every prompt in one request batch, returned in cfg.batch_size chunks."""
+    from rlhf.rollout_engine import Sampling, pad_responses, request_seeds
+
+    encoded = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    tokens, _ = engine.generate(encoded, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                                  tokenizer.eos_token_id), request_seeds(seed, 0, 0, len(encoded)))
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        ids, mask = left_pad(encoded[i:i + cfg.batch_size], tokenizer.pad_token_id)
+        gen, _ = pad_responses(tokens[i:i + cfg.batch_size], [[] for _ in tokens[i:i + cfg.batch_size]],
+                               tokenizer.pad_token_id)
+        responses, rmask = core.truncate_after_stop_token(gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        out.append((ids, mask, responses, rmask))
+    return out
+
+
+@contextmanager
+def open_engine(path: str, cfg, seed: int):
+    """A vLLM engine serving `path` (a model directory or hub id; a peft LoRA adapter directory is served
+    as an adapter on its base), as `(engine, None)` for `sample`; stopped on exit."""
+    from rlhf.rollout_engine import EngineError, VLLMEngine
+
+    adapter_cfg = Path(path) / "adapter_config.json"
+    lora, base = None, path
+    if adapter_cfg.exists():
+        info = json.loads(adapter_cfg.read_text())
+        if info.get("peft_type") != "LORA":
+            raise EngineError(f"{path}: vLLM serves LoRA adapters only, not {info.get('peft_type')}; merge it first "
+                              "(rlhf merge) or use --engine hf")
+        lora, base = info.get("r", 16), info["base_model_name_or_path"]
+    dtype = cfg.vllm.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    engine = VLLMEngine(cfg.vllm, base, dtype=dtype, seed=seed, lora_rank=lora,
+                        max_model_len=cfg.vllm.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
+                        device=torch.device("cuda") if torch.cuda.is_available() else None,
+                        threads=torch.get_num_threads())
+    try:
+        if lora is not None:
+            engine.set_adapter(str(Path(path).resolve()), 0)
+        yield engine, None
+    finally:
+        engine.close()
 
 
 def decode(tokenizer, responses: torch.Tensor, rmask: torch.Tensor) -> list[str]:
@@ -134,7 +192,12 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
     rows, kl = {"policy": [], "reference": []}, []
     lengths, eos = {"policy": [], "reference": []}, {"policy": [], "reference": []}
     for name, model in (("policy", policy), ("reference", reference)):
-        for ids, mask, responses, rmask in sample(model, tokenizer, prompts, cfg, cfg.seed):  # (B, P), (B, A)
+        if cfg.engine == "vllm":
+            with open_engine(getattr(cfg, name), cfg, cfg.seed) as engine:
+                batches = sample(engine, tokenizer, prompts, cfg, cfg.seed)
+        else:
+            batches = sample(model, tokenizer, prompts, cfg, cfg.seed)
+        for ids, mask, responses, rmask in batches:  # (B, P), (B, A)
             rows[name] += decode(tokenizer, responses, rmask)
             lengths[name] += rmask.sum(-1).tolist()
             eos[name] += (responses == tokenizer.eos_token_id).any(-1).tolist()

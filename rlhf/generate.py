@@ -15,13 +15,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from rlhf.errors import UserError
-from rlhf.eval_policy import decode, load_lm, sample
+from rlhf.eval_policy import decode, load_lm, open_engine, sample
 from rlhf.ppo import PromptDataConfig, RewardSpec, load_prompts
+from rlhf.rollout_engine import VLLMConfig
 
 
 @dataclass
@@ -51,6 +52,11 @@ class GenerateConfig:
     """Optional: score every response (adds a `reward` field); empty spec: no reward."""
     allow_pickle_weights: bool = False
     """Load model or reward directories whose weights are only pickles (.bin). Unpickling can run code."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples: `hf` (transformers' generate) or `vllm` (an engine in its own process; an adapter is
+    served on its base)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine, with `engine: vllm`."""
 
 
 def check(cfg: GenerateConfig) -> None:
@@ -91,7 +97,12 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
 
         reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                              batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
-    model = load_lm(cfg.model, cfg.allow_pickle_weights).to("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.engine == "hf":
+        model = load_lm(cfg.model, cfg.allow_pickle_weights).to("cuda" if torch.cuda.is_available() else "cpu")
+    else:  # the engine loads the weights itself (safetensors only, as here)
+        from policies.models import refuse_pickle_weights_with_base
+
+        refuse_pickle_weights_with_base(cfg.model, cfg.allow_pickle_weights, "--allow_pickle_weights true")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"--model: the tokenizer of '{cfg.model}' needs a PAD token distinct from EOS")
@@ -99,7 +110,12 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
     k = cfg.samples_per_prompt
     repeated = [p for p in prompts for _ in range(k)]  # N*K, each prompt's samples consecutive
     texts, lengths, eos = [], [], []
-    for _, _, responses, rmask in sample(model, tokenizer, repeated, cfg, cfg.seed):  # (B, A) each
+    if cfg.engine == "vllm":
+        with open_engine(cfg.model, cfg, cfg.seed) as engine:
+            batches = sample(engine, tokenizer, repeated, cfg, cfg.seed)
+    else:
+        batches = sample(model, tokenizer, repeated, cfg, cfg.seed)
+    for _, _, responses, rmask in batches:  # (B, A) each
         texts += decode(tokenizer, responses, rmask)
         lengths += rmask.sum(-1).tolist()
         eos += (responses == tokenizer.eos_token_id).any(-1).tolist()

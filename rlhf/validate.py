@@ -38,7 +38,7 @@ DOMAINS: dict[str, Check] = {
         "num_hidden_layers", "num_key_value_heads", "num_mini_batches", "num_samples", "num_virtual_tokens",
         "per_device_eval_batch_size", "per_device_rollout_batch_size", "per_device_train_batch_size", "ppo_epochs",
         "r", "samples_per_prompt", "save_steps", "save_total_limit", "steps", "cpu_threads",
-        "early_stopping_patience"], POSITIVE_INT),
+        "early_stopping_patience", "max_model_len", "cpu_kv_cache_gb"], POSITIVE_INT),
     **dict.fromkeys([
         "sample_every", "weight_decay", "entropy_coef", "vf_coef", "kl_coef", "max_grad_norm",
         "critic_max_grad_norm", "early_stopping_threshold", "center_rewards_coefficient", "learning_rate",
@@ -47,6 +47,9 @@ DOMAINS: dict[str, Check] = {
                     POSITIVE),
     "temperature": NON_NEGATIVE,  # 0: greedy where sampling is optional (PPO's own check asks for > 0)
     "top_p": PROBABILITY,
+    "gpu_memory_utilization": PROBABILITY,  # the vLLM engine's share of the GPU
+    "max_logprob_diff": POSITIVE,
+    "start_timeout": POSITIVE,
     "gamma": UNIT,
     "lam": UNIT,
     "threshold": (lambda v: 0 < v < 1, "a number in (0, 1)"),
