@@ -50,6 +50,9 @@ DOMAINS: dict[str, Check] = {
     "validation_split": SPLIT,
     "test_split": SPLIT,
     "max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or a positive integer"),
+    "beta": POSITIVE,  # DPO: beta = 0 would drop the reference from the loss (and divide by zero in IPO)
+    # robust DPO: a label-flip probability of 0.5 or more makes the loss prefer the rejected reply
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
 }
 
 
