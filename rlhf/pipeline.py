@@ -1,7 +1,7 @@
 """The whole alignment pipeline in one command (`rlhf pipeline`): SFT -> reward model -> PPO, or SFT -> DPO.
 
     rlhf pipeline --config configs/quickstart.yaml
-    rlhf pipeline --config configs/quickstart.yaml --stages '[sft, dpo]'
+    rlhf pipeline --config configs/quickstart.yaml --stages sft dpo
 
 Each stage is the stage command's own `main`, run with its section of the config; the pipeline only
 wires outputs to inputs: the SFT output is PPO's initial policy (and, with `reward_base: sft`, the

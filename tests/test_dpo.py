@@ -357,3 +357,22 @@ def test_pipeline_refuses_dpo_with_ppo(tmp_path):
     with pytest.raises(UserError, match="dpo takes the place of reward and ppo"):
         pipeline.main(cfg)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow  # about 2.5 minutes: the quickstart's SFT and DPO settings
+def test_quickstart_dpo_raises_exact_answers_on_held_out_prompts(tmp_path):
+    """The true objective, not only the implicit reward: the DPO policy answers more held-out prompts exactly
+    than the SFT policy it started from (measured 0.688 -> 0.930, greedy)."""
+    from rlhf import eval_policy, pipeline
+
+    out = tmp_path / "q"
+    report = pipeline.main(config.parse(pipeline.PipelineConfig, [
+        "--config", str(REPO / "configs" / "quickstart.yaml"), "--output_dir", str(out), "--stages", "sft", "dpo"],
+        "rlhf pipeline"))
+    assert report["dpo"]["eval_rewards/accuracies"] > 0.75
+    result = eval_policy.main(config.parse(eval_policy.EvalPolicyConfig, [
+        "--policy", str(out / "dpo"), "--reference", str(out / "sft"), "--reward.spec", "reward.examples:exact_answer",
+        "--prompts.train", "builtin:quickstart_eval_prompts", "--prompts.max_samples", "128", "--temperature", "0"],
+        "rlhf eval policy"))
+    assert result["reward_policy"] >= result["reward_reference"] + 0.15, result
+    assert result["win_rate"] > 0.5 and result["kl_policy_reference"] > 0
