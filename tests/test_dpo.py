@@ -290,6 +290,44 @@ def test_early_stopping_on_reward_accuracy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes: `--accelerate PRESET` gives the 1-process run (same global batch)
+
+
+def run_dpo_command(out, per_device, *extra):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, "-m", "rlhf", "dpo", "--config", DPO_YAML, "--model.name_or_path", "tiny",
+                        "--train.max_steps", "4", "--train.logging_steps", "1", "--train.eval_steps", "4",
+                        "--train.warmup_steps", "0", "--data.max_samples", "64", "--data.validation_split", "0",
+                        "--train.learning_rate", "3e-3", "--train.per_device_train_batch_size", str(per_device),
+                        "--output_dir", str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    return p, state, [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow  # multi-process: ~25 s for DDP, ~95 s for ZeRO-3 (DeepSpeed builds its op on first use)
+@pytest.mark.parametrize("preset", ["ddp", "zero3"])
+def test_two_processes_equal_one(tmp_path, preset):
+    from safetensors.torch import load_file
+
+    if preset == "zero3":
+        pytest.importorskip("deepspeed")
+    _, _, one = run_dpo_command(tmp_path / "one", 8)
+    p, state, two = run_dpo_command(tmp_path / "two", 4, "--accelerate", preset, "--num_processes", "2")
+    assert f"configs/accelerate/{preset}.yaml --num_processes 2" in p.stderr
+    assert state["train_batch_size"] == 4  # per device: each process took half of every batch of 8
+    assert len(two) == 4 and two == pytest.approx(one, rel=1e-5) and two[-1] < two[0]
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
 # Starting from an SFT adapter; the pipeline
 
 
