@@ -93,7 +93,8 @@ def report_dropped(before: int, rows, max_length: int, name: str) -> None:
                         "token is left to learn from; raise train.max_length")
     if dropped:
         print(f"{name}: {dropped} of {before} pairs dropped: their prompt alone fills train.max_length={max_length}")
-    long = sum(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > max_length for r in rows)
+    long = sum(len(p) + max(len(c), len(r)) > max_length
+               for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
     if long:
         print(f"{name}: {long} of {len(rows)} pairs exceed train.max_length={max_length} tokens; "
               "the end of their replies is cut")
