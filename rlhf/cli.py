@@ -1,7 +1,7 @@
 """The `rlhf` command: one subcommand per stage or tool.
 
     rlhf sft --config FILE [--section.field VALUE ...]
-    rlhf reward | classifier --config FILE [--section.field VALUE ...]
+    rlhf reward | classifier | dpo --config FILE [--section.field VALUE ...]
     rlhf eval reward --model DIR --data SOURCE
     rlhf generate --model DIR --prompts.train SOURCE [--output FILE.jsonl]
     rlhf data check SOURCE [--format F]
@@ -24,6 +24,7 @@ commands:
   sft              supervised fine-tuning (full or PEFT)               rlhf sft --help
   reward           train a reward model on preference pairs            rlhf reward --help
   classifier       train a text classifier (usable as a reward)        rlhf classifier --help
+  dpo              direct preference optimisation of a policy          rlhf dpo --help
   eval reward      accuracy and calibration of a reward model          rlhf eval reward --help
   eval policy      a policy against a reference, judged by a reward    rlhf eval policy --help
   generate         sample a model on prompts, write JSONL (+ reward)   rlhf generate --help
@@ -55,6 +56,12 @@ def _reward(argv: list[str]) -> None:
     from rlhf import config, reward_stage
 
     reward_stage.main(config.parse(config.RewardConfig, argv, "rlhf reward"))
+
+
+def _dpo(argv: list[str]) -> None:
+    from rlhf import config, dpo
+
+    dpo.main(config.parse(config.DPOConfig, argv, "rlhf dpo"))
 
 
 def _classifier(argv: list[str]) -> None:
@@ -125,9 +132,9 @@ def _estimate_memory(argv: list[str]) -> None:
     memory.cli(argv)
 
 
-COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "eval": _eval, "generate": _generate,
-            "data": _data, "ppo": _ppo, "pipeline": _pipeline, "bench": _bench, "merge": _merge,
-            "estimate-memory": _estimate_memory}
+COMMANDS = {"sft": _sft, "reward": _reward, "classifier": _classifier, "dpo": _dpo, "eval": _eval,
+            "generate": _generate, "data": _data, "ppo": _ppo, "pipeline": _pipeline, "bench": _bench,
+            "merge": _merge, "estimate-memory": _estimate_memory}
 
 
 def quiet_third_party() -> None:

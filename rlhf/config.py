@@ -491,6 +491,70 @@ class RewardConfig:
     """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Direct preference optimisation: `rlhf dpo`
+
+# The loss names trl.DPOTrainer accepts (TRL 1.16, `DPOTrainer._compute_loss`); tests/test_dpo.py checks
+# this list against TRL's, so a TRL upgrade that adds or drops one fails there, not in a user's run.
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+DPO_LOSS_TYPES: tuple[str, ...] = DPOLossType.__args__
+
+
+@dataclass
+class DPOTrainConfig(OptimConfig):
+    """Optimisation, evaluation and checkpointing of DPO."""
+
+    learning_rate: float = 5e-6
+    """Peak learning rate (DPO moves far with little: 5e-7 to 5e-6 for full fine-tuning, ~5e-5 for LoRA)."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
+    max_length: int = 1024
+    """Tokens of prompt plus reply; a longer pair loses the end of its replies, and a pair whose prompt alone
+    fills it is dropped (both counted in the log)."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many evaluations without improvement of metric_for_best_model (None: never)."""
+    early_stopping_threshold: float = 0.0
+    """Smallest improvement of metric_for_best_model that counts."""
+    metric_for_best_model: Literal["loss", "accuracy"] = "loss"
+    """Validation metric that picks the best checkpoint (kept and reloaded at the end) and drives early
+    stopping: the DPO loss, or the reward accuracy (rewards/accuracies)."""
+
+
+@dataclass
+class DPOOptions:
+    """The DPO objective (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290)."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL penalty to the reference: the implicit reward is
+    beta * (log pi(y|x) - log ref(y|x)). Larger keeps the policy closer to the reference."""
+    loss_type: DPOLossType = "sigmoid"
+    """trl.DPOTrainer loss: `sigmoid` (DPO), `ipo` (beta is IPO's tau), `hinge` (SLiC), `robust`, `exo_pair`,
+    `bco_pair`, `nca_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`,
+    `sigmoid_norm`, `sft` (NLL on the chosen reply only)."""
+    label_smoothing: float = 0.0
+    """`robust`: the assumed probability that a pair's label is flipped; `exo_pair`: EXO's epsilon (needs > 0,
+    1e-3 is typical). Other losses ignore it."""
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation of a policy on preference pairs (`rlhf dpo`), on trl.DPOTrainer."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/dpo"
+    """Where the policy (adapter or full model), tokenizer, checkpoints, metrics and resolved config are written."""
+    seed: int = 42
+    """Seed for the adapter's initialisation, the data split and shuffling."""
+    resume: Optional[str] = None
+    """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
+
+
 @dataclass
 class ClassifierDataConfig:
     """Labelled text for a classifier, and its train/validation/test splits."""

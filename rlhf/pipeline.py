@@ -1,10 +1,12 @@
-"""The whole alignment pipeline in one command (`rlhf pipeline`): SFT -> reward model -> PPO.
+"""The whole alignment pipeline in one command (`rlhf pipeline`): SFT -> reward model -> PPO, or SFT -> DPO.
 
     rlhf pipeline --config configs/quickstart.yaml
+    rlhf pipeline --config configs/quickstart.yaml --stages sft dpo
 
 Each stage is the stage command's own `main`, run with its section of the config; the pipeline only
 wires outputs to inputs: the SFT output is PPO's initial policy (and, with `reward_base: sft`, the
-reward model's base, as in InstructGPT), the reward model scores PPO's responses. It ends with a
+reward model's base, as in InstructGPT), the reward model scores PPO's responses. With `dpo` in
+place of `reward` and `ppo`, the SFT output is the policy DPO starts from and its reference. It ends with a
 report (report.md, report.json) and PNG plots of the training curves in output_dir.
 """
 
@@ -18,28 +20,30 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from rlhf import config
-from rlhf.config import RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
 from rlhf.ppo import PPOConfig
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> PPO (`rlhf pipeline`)."""
+    """SFT -> reward model -> PPO, or SFT -> DPO (`rlhf pipeline`)."""
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     output_dir: str = "runs/pipeline"
     """Each stage writes to output_dir/<stage>; the report and plots go here."""
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    """Stages to run, in order; a stage left out uses its existing output in output_dir."""
+    stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
+    """Stages to run, in order (some of sft, reward, ppo; or sft, dpo); a stage left out that a later one
+    needs uses its existing output in output_dir."""
     reward_base: Literal["sft", "config"] = "sft"
     """Start the reward model from the SFT output (`sft`), or from reward.model as configured."""
     seed: Optional[int] = None
-    """Seed of every stage (sets sft.seed, reward.seed and ppo.seed); None keeps each stage's own."""
+    """Seed of every stage (sets sft.seed, reward.seed, ppo.seed and dpo.seed); None keeps each stage's own."""
 
 
 def wire(cfg: PipelineConfig) -> PipelineConfig:
@@ -47,16 +51,20 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UserError(f"stages: unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+    if "dpo" in cfg.stages and "ppo" in cfg.stages:
+        raise UserError("stages: dpo takes the place of reward and ppo (both train the SFT policy); run one of them")
     out = Path(cfg.output_dir)
     cfg.sft.output_dir = str(out / "sft")
     cfg.reward.output_dir = str(out / "reward")
     cfg.ppo.output_dir = str(out / "ppo")
+    cfg.dpo.output_dir = str(out / "dpo")
     if cfg.reward_base == "sft":
         cfg.reward.model.name_or_path = cfg.sft.output_dir
     cfg.ppo.model.name_or_path = cfg.sft.output_dir
     cfg.ppo.reward.spec = cfg.reward.output_dir
     cfg.ppo.reward.kind = "preference"
-    for stage in (cfg.sft, cfg.reward, cfg.ppo):  # one W&B group per pipeline run
+    cfg.dpo.model.name_or_path = cfg.sft.output_dir  # the SFT policy: where DPO starts, and its reference
+    for stage in (cfg.sft, cfg.reward, cfg.ppo, cfg.dpo):  # one W&B group per pipeline run
         stage.tracking.group = stage.tracking.group or out.resolve().name
         if cfg.seed is not None:
             stage.seed = cfg.seed
@@ -96,6 +104,8 @@ def check_inputs(cfg: PipelineConfig) -> None:
                     ("reward.data.validation", cfg.reward.data.validation)]
     if "ppo" in cfg.stages:
         sources += [("ppo.data.train", cfg.ppo.data.train), ("ppo.eval.prompts", cfg.ppo.eval.prompts)]
+    if "dpo" in cfg.stages:
+        sources += [("dpo.data.train", cfg.dpo.data.train), ("dpo.data.validation", cfg.dpo.data.validation)]
     for option, source in sources:
         _check_source(option, source)
     if "ppo" not in cfg.stages:
@@ -125,7 +135,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
 
 
 def main(cfg: PipelineConfig) -> dict:
-    from rlhf import ppo, reward_stage, sft
+    from rlhf import dpo, ppo, reward_stage, sft
     from rlhf.outputs import check_output_dir
 
     cfg = wire(cfg)
@@ -135,14 +145,17 @@ def main(cfg: PipelineConfig) -> dict:
     sft.check(cfg.sft)
     reward_stage.check(cfg.reward)
     ppo.check(cfg.ppo)
-    for stage in ("sft", "reward"):
+    if "dpo" in cfg.stages:
+        dpo.check(cfg.dpo)
+    needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages else set())  # what the stages that run read
+    for stage in sorted(needed, key=STAGES.index):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
                 and not (out / stage / "adapter_config.json").exists():
             raise UserError(f"stages leaves out '{stage}', but {out / stage} holds no trained model to reuse")
     check_inputs(cfg)
     timings, results = {}, {}
     runners = {"sft": lambda: sft.main(cfg.sft), "reward": lambda: reward_stage.main(cfg.reward),
-               "ppo": lambda: ppo.main(cfg.ppo)}
+               "ppo": lambda: ppo.main(cfg.ppo), "dpo": lambda: dpo.main(cfg.dpo)}
     for stage in STAGES:
         if stage in cfg.stages:
             print(f"\n=== pipeline: {stage} -> {out / stage}\n")
@@ -199,6 +212,11 @@ def write_report(out: Path, timings: dict[str, float], eval_reward: str | None =
         m = json.loads(rm_metrics.read_text())
         report["reward"] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
         report["outputs"]["reward"] = str(out / "reward")
+    dpo_metrics = out / "dpo" / "metrics.json"
+    if dpo_metrics.exists():
+        m = json.loads(dpo_metrics.read_text())
+        report["dpo"] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+        report["outputs"]["dpo_policy"] = str(out / "dpo")
     history = _read_jsonl(out / "ppo" / "metrics.jsonl")
     train = [m for m in history if "objective/scores" in m]
     evals = [m for m in history if "eval/reward" in m]
@@ -268,6 +286,13 @@ def _markdown(r: dict, out: Path) -> str:
         before, after = r["reward"].get("eval_accuracy_before"), r["reward"].get("eval_accuracy")
         lines.append(f"- **Reward model**: held-out pairwise accuracy {before:.3f} -> {after:.3f}"
                      if before is not None and after is not None else "- **Reward model**: trained")
+    if "dpo" in r:
+        d = r["dpo"]
+        lines.append(f"- **DPO** ({d['global_step']} steps): validation reward accuracy "
+                     f"{d['eval_rewards/accuracies_before']:.3f} -> {d['eval_rewards/accuracies']:.3f}, reward margin "
+                     f"{d['eval_rewards/margins']:.3f}, loss {d['eval_loss_before']:.3f} -> {d['eval_loss']:.3f} "
+                     "(the implicit reward beta * log pi/ref of the SFT policy's own replies is 0 before training)"
+                     if "eval_loss_before" in d else f"- **DPO** ({d['global_step']} steps): trained")
     if "ppo" in r:
         p = r["ppo"]
         lines.append(f"- **PPO** ({p['steps']} steps, {p['seconds_per_step']:.2f} s/step): training reward-model score "
@@ -328,11 +353,12 @@ def plot(out: Path, history: list[dict]) -> list[str]:
     def points(rows, key):
         return [(m["step"], m[key]) for m in rows if key in m and m[key] is not None]
 
-    for stage, title in (("sft", "SFT"), ("reward", "Reward model")):
+    accuracy_key = {"reward": "eval_accuracy", "dpo": "eval_rewards/accuracies"}
+    for stage, title in (("sft", "SFT"), ("reward", "Reward model"), ("dpo", "DPO")):
         log = _trainer_log(out / stage)
         if not log:
             continue
-        panels = 2 if stage == "reward" else 1
+        panels = 2 if stage in accuracy_key else 1
         fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.6), squeeze=False)
         ax = axes[0][0]
         curve(ax, points(log, "loss"), "train loss", "tab:blue")
@@ -340,10 +366,10 @@ def plot(out: Path, history: list[dict]) -> list[str]:
         ax.set(title=f"{title}: loss", xlabel="optimizer step",
                ylabel="loss (nats per token)" if stage == "sft" else "pairwise loss (nats per pair)")
         ax.legend()
-        if stage == "reward":
+        if stage in accuracy_key:
             ax = axes[0][1]
-            curve(ax, points(log, "eval_accuracy"), "validation accuracy", "tab:orange", smoothed=False)
-            ax.set(title="Reward model: pairwise accuracy", xlabel="optimizer step",
+            curve(ax, points(log, accuracy_key[stage]), "validation accuracy", "tab:orange", smoothed=False)
+            ax.set(title=f"{title}: {'reward ' if stage == 'dpo' else ''}pairwise accuracy", xlabel="optimizer step",
                    ylabel="accuracy (share of pairs)", ylim=(0, 1.02))
             ax.legend()
         save(fig, f"{stage}.png")

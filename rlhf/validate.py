@@ -69,6 +69,9 @@ DOMAINS: dict[str, Check] = {
                      "tiny_vocab_size", "lora_r", "prompt_length", "response_length"], POSITIVE_INT),
     "bt_beta": POSITIVE,
     "rm_learning_rate": NON_NEGATIVE,
+    "beta": POSITIVE,  # DPO: beta = 0 would drop the reference from the loss (and divide by zero in IPO)
+    # robust DPO: a label-flip probability of 0.5 or more makes the loss prefer the rejected reply
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
 }
 
 
