@@ -148,7 +148,8 @@ class VLLMEngine:
                "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_cache_gb), "TOKENIZERS_PARALLELISM": "false"}
         if threads is not None and not self.on_gpu:  # the trainer's share of the cores, not vLLM's own guess
             env["OMP_NUM_THREADS"] = str(threads)
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several engines on one machine
+            if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:  # several engines: vLLM would bind each to every core
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         if self.on_gpu and device.index is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device.index)
         for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the trainer's environment is not the engine's
