@@ -394,8 +394,11 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
     passed to `main`, so `critic_init: auto` does not look for a reward model at reward.spec."""
     from policies import actor_critic, models
 
+    from rlhf.distributed import main_process_first
+
     out = Path(cfg.output_dir)
-    path = models.materialize(cfg.model, out / "base_model", cfg.seed)
+    with main_process_first():  # the built-in tiny base is written once, by rank 0, before others read it
+        path = models.materialize(cfg.model, out / "base_model", cfg.seed)
     if Path(path).is_dir():  # absolute, so the exported adapter names a base that loads from anywhere
         path = str(Path(path).resolve())
     if (Path(path) / "adapter_config.json").exists():

@@ -259,3 +259,31 @@ def test_generate_and_eval_policy_give_the_same_greedy_answers_with_either_engin
         reports[engine] = eval_policy.evaluate(cfg)
     for key in ("win_rate", "reward_policy", "reward_reference", "length_policy", "eos_rate_reference"):
         assert reports["hf"][key] == pytest.approx(reports["vllm"][key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind, method", [("ddp", "lora"), ("zero3", "full")])
+def test_two_processes_each_with_an_engine(kind, method, tmp_path):
+    """2 CPU processes (DDP, or ZeRO-3 with full weights gathered for the sync), each with its own engine
+    generating its own shard of the prompts: every step's logprob_diff stays at float32 agreement."""
+    import json
+    import os
+    import subprocess
+
+    from test_ppo_distributed import ENV, LAUNCH
+
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"} if kind == "ddp" else ENV
+    out = tmp_path / "o"
+    cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", *LAUNCH[kind], "-m", "rlhf", "ppo",
+           *ppo_args(out, "--peft.method", method, "--ppo.steps", "3", "--ppo.per_device_rollout_batch_size", "8",
+                     "--ppo.learning_rate", "1e-3", "--ppo.rollout_engine", "vllm",
+                     "--reward.spec", "tests/rewards.py:digit_fraction")]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "2 process(es), rollout 16/step" in p.stdout
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert max(m["rollout/logprob_diff"] for m in history) < 1e-4
+    assert history[-1]["objective/kl"] != 0  # the policy moved: the syncs carried real updates
+    assert (out / "vllm_engine_0.log").exists() and (out / "vllm_engine_1.log").exists()
+    assert not os.path.exists(rollout_engine.shared_weights_file(out))
