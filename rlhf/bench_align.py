@@ -95,6 +95,8 @@ class BenchAlignConfig:
     """Also run TRL's RLOOTrainer."""
     rloo_k: int = 4
     """RLOO samples per prompt (its leave-one-out baseline)."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """What samples our PPO's rollouts (`ppo.rollout_engine`): the outcome should not depend on it."""
 
 
 def check(cfg: BenchAlignConfig) -> None:
@@ -289,7 +291,8 @@ def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, ou
                                    num_mini_batches=2, ppo_epochs=4, learning_rate=cfg.learning_rate,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
                                    reward_normalization="model",
-                                   missing_eos_penalty=None),  # the setting the README's figures were measured with
+                                   missing_eos_penalty=None,  # the setting the README's figures were measured with
+                                   rollout_engine=cfg.rollout_engine),
         output_dir=str(out / "ppo"), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
         reward=proxy, on_step=on_step)
     return evals
