@@ -8,6 +8,9 @@ Two layouts, one interface (`ActorCritic`):
 - **full**: the policy is a full trainable model, the critic a second full model with a value head,
   the reference a frozen copy of the initial policy.
 
+Critic-free estimators (GRPO, RLOO, REINFORCE++) build no critic in either layout: no critic adapter,
+no critic model, no value head (`has_critic` False, values None).
+
 `forward()` computes policy logits and values in ONE call, so DDP and DeepSpeed see one forward
 and one backward per micro-batch with every trainable parameter in the graph.
 
@@ -90,16 +93,18 @@ class ValueHead(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, policy: nn.Module, value_head: ValueHead, critic: nn.Module | None = None,
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None, critic: nn.Module | None = None,
                  reference: nn.Module | None = None):
-        """Shared-LoRA layout: `policy` is a PeftModel with adapters `policy` and `critic`, and
-        `critic`/`reference` are None. Full layout: all three are separate models."""
+        """Shared-LoRA layout: `policy` is a PeftModel with adapters `policy` (and `critic`), and
+        `critic`/`reference` are None. Full layout: separate models, `reference` given. No value head:
+        no critic (critic-free estimators)."""
         super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.critic = critic
         self.reference = reference
-        self.shared = critic is None
+        self.shared = reference is None
+        self.has_critic = value_head is not None
         if self.shared:
             # peft's set_adapter freezes the inactive adapter; we switch adapters inside one forward,
             # so remember what is trainable and restore it after every switch.
@@ -131,7 +136,9 @@ class ActorCritic(nn.Module):
             return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False, logits_to_keep=logits_to_keep).logits
 
-    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:  # (B, T)
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor | None:  # (B, T)
+        if not self.has_critic:
+            return None
         trunk = backbone(self.policy) if self.shared else self.critic
         with self.adapter(CRITIC):
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -156,6 +163,8 @@ class ActorCritic(nn.Module):
         if reference:
             return self.reference_logits(input_ids, attention_mask, position_ids, logits_to_keep), None
         if values_only:
+            if not self.has_critic:
+                raise ValueError("values_only: this ActorCritic has no critic")
             return None, self.values(input_ids, attention_mask, position_ids)
         return (self.policy_logits(input_ids, attention_mask, position_ids, logits_to_keep),
                 self.values(input_ids, attention_mask, position_ids))
@@ -183,27 +192,30 @@ class ActorCritic(nn.Module):
         return self.policy
 
 
-def build_shared_lora(base: nn.Module, lora_config, critic_lora_config=None) -> ActorCritic:
-    """One base, two adapters. `lora_config` is a peft LoraConfig (task CAUSAL_LM)."""
+def build_shared_lora(base: nn.Module, lora_config, critic_lora_config=None, critic: bool = True) -> ActorCritic:
+    """One base, two adapters (one without `critic`). `lora_config` is a peft LoraConfig (task CAUSAL_LM)."""
     from peft import get_peft_model
 
     disable_dropout(base)
     model = get_peft_model(base, lora_config, adapter_name=POLICY)
-    model.add_adapter(CRITIC, critic_lora_config or lora_config)
+    if critic:
+        model.add_adapter(CRITIC, critic_lora_config or lora_config)
     model.set_adapter(POLICY)
     disable_dropout(model)
-    head = ValueHead(base.config.hidden_size)
+    head = ValueHead(base.config.hidden_size) if critic else None
     return ActorCritic(model, head)
 
 
-def build_full(policy: nn.Module, critic_lm: nn.Module, reference: nn.Module) -> ActorCritic:
+def build_full(policy: nn.Module, critic_lm: nn.Module | None, reference: nn.Module) -> ActorCritic:
     """Trainable policy, a separate critic (the body of `critic_lm`: its LM head would get no gradient,
-    which DDP refuses), a frozen reference. Three separately loaded models, not deep copies: under
-    ZeRO-3 the weights are partitioned as they load, and a copy of a partitioned model is empty."""
+    which DDP refuses; None: no critic), a frozen reference. Separately loaded models, not deep copies:
+    under ZeRO-3 the weights are partitioned as they load, and a copy of a partitioned model is empty."""
     for m in (policy, critic_lm, reference):
-        disable_dropout(m)
-    head = ValueHead(policy.config.hidden_size)
-    return ActorCritic(policy, head, critic=backbone(critic_lm), reference=reference.eval())
+        if m is not None:
+            disable_dropout(m)
+    head = ValueHead(policy.config.hidden_size) if critic_lm is not None else None
+    critic = backbone(critic_lm) if critic_lm is not None else None
+    return ActorCritic(policy, head, critic=critic, reference=reference.eval())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -14,8 +14,10 @@ models in `policies/actor_critic.py`. One iteration ("step"):
   2. forward: logprobs of policy and reference, values of the critic
   3. score: the reward model (normalised, clipped, missing-EOS penalty)
   4. KL reward: -kl_coef * KL per token, score added at the last response token
-  5. GAE: advantages (whitened) and returns
-  6. update: ppo_epochs x mini-batches x gradient accumulation of clipped policy + value loss
+  5. advantages (`ppo.advantage_estimator`): GAE with the critic's values (whitened), or critic-free:
+     RLOO / GRPO (a baseline from the other responses to the same prompt), REINFORCE++ (returns to go,
+     whitened over the global batch)
+  6. update: ppo_epochs x mini-batches x gradient accumulation of the clipped policy loss (+ value loss)
 
 Shapes: B rollout batch, P prompt tokens, A response tokens, T = P + A, V vocabulary.
 """
@@ -152,7 +154,8 @@ class PPOHyperparameters:
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean, unit variance over the rollout batch of all processes."""
+    """Normalise advantages to zero mean, unit variance over the rollout batch of all processes (gae and
+    reinforce_pp; rloo and grpo have their group baselines)."""
     cliprange: float = 0.2
     """Policy ratio clip."""
     cliprange_value: Optional[float] = 0.2
@@ -176,6 +179,20 @@ class PPOHyperparameters:
     engine in its own process, settings under `vllm:`; a LoRA policy is handed to it as an adapter after
     each update, full weights are loaded into it). The trainer recomputes the logprobs either way and logs
     `rollout/logprob_diff`, the engine's disagreement with it."""
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = "gae"
+    """How actions are credited. `gae`: PPO with a critic (value head, GAE; Schulman et al. 2015).
+    Critic-free, building no critic adapter, critic model or value head: `rloo` (leave-one-out baseline
+    over a prompt's responses; Ahmadian et al. 2024), `grpo` (group mean and std; Shao et al. 2024),
+    `reinforce_pp` (REINFORCE++: per-token returns whitened over the global batch; Hu 2025). `rloo` and
+    `grpo` need ppo.samples_per_prompt >= 2. All keep the clipped ratio over ppo_epochs."""
+    grpo_std_normalization: bool = True
+    """GRPO: divide each group's centred rewards by its std (the paper); false: centre only (Dr. GRPO,
+    Liu et al. 2025, which finds the division favours prompts whose responses barely differ)."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference enters: `reward` (-kl_coef x KL per token in the reward, Ziegler et
+    al. 2019; with rloo/grpo summed into the sequence reward before the baseline) or `loss` (kl_coef x
+    the ppo.kl_estimator of the current policy added to the loss per token, as GRPO does with k3; needs
+    k2 or k3)."""
     critic_init: Literal["auto", "policy", "reward"] = "auto"
     """Start the critic from the policy (value head random), or from the reward model (InstructGPT, N+
     details): its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full
@@ -269,6 +286,15 @@ def check(cfg: PPOConfig) -> None:
         raise UserError("ppo.top_p must be in (0, 1]")
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
         raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
+    if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:
+        raise UserError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to the same prompt: "
+                        f"set ppo.samples_per_prompt to at least 2 (got {p.samples_per_prompt})")
+    if p.advantage_estimator != "gae" and p.critic_init == "reward":
+        raise UserError(f"ppo.critic_init=reward: ppo.advantage_estimator={p.advantage_estimator} builds no critic; "
+                        "use advantage_estimator=gae or critic_init=auto")
+    if p.kl_penalty == "loss" and p.kl_estimator == "k1":
+        raise UserError("ppo.kl_penalty=loss needs ppo.kl_estimator k3 (GRPO's) or k2: the gradient of the k1 "
+                        "estimate is zero in expectation, so it would not hold the policy near the reference")
     if p.rollout_engine == "vllm" and p.logprobs_from_generation:
         raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
@@ -408,26 +434,30 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
     rm_info = _critic_source(cfg, path, is_main, reward_given)
     from_reward = rm_info is not None
+    with_critic = cfg.ppo.advantage_estimator == "gae"  # the others build no critic at all
     if cfg.peft.method == "full":
         # DeepSpeed's bf16 optimizer keeps its own float32 master copy: the weights may stay in bf16 there
         master = accelerator is None or accelerator.state.deepspeed_plugin is None
         policy = models.load_causal_lm(path, cfg.model, "full", master_weights=master)
         reference = models.load_causal_lm(path, cfg.model, "full")
-        critic = (_load_reward_body(cfg.reward.spec, policy.dtype) if from_reward
-                  else models.load_causal_lm(path, cfg.model, "full", master_weights=master))
+        critic = None if not with_critic else (
+            _load_reward_body(cfg.reward.spec, policy.dtype) if from_reward
+            else models.load_causal_lm(path, cfg.model, "full", master_weights=master))
         ac = actor_critic.build_full(policy, critic, reference)
     else:
         base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
         critic_lora = _reward_lora_config(cfg.reward.spec) if from_reward else None
-        ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"), critic_lora)
+        ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"), critic_lora,
+                                            critic=with_critic)
     if from_reward:
         _init_critic_from_reward(ac, cfg.reward.spec, rm_info)
     return tokenizer, ac, path
 
 
 def _critic_source(cfg: PPOConfig, policy_path: str, is_main: bool, reward_given: bool) -> dict | None:
-    """The reward model's info when the critic starts from it, else None (critic from the policy)."""
-    if cfg.ppo.critic_init == "policy" or (cfg.ppo.critic_init == "auto" and reward_given):
+    """The reward model's info when the critic starts from it, else None (critic from the policy, or none)."""
+    if cfg.ppo.advantage_estimator != "gae" or cfg.ppo.critic_init == "policy" or (
+            cfg.ppo.critic_init == "auto" and reward_given):
         return None
     if cfg.ppo.critic_init == "reward":
         return _reward_model_info(cfg.reward.spec, cfg.peft.method, policy_path)
@@ -533,13 +563,13 @@ class Rollout:
     response_mask: torch.Tensor  # (B, A) bool, the stop token included
     logprobs: torch.Tensor  # (B, A)
     ref_logprobs: torch.Tensor  # (B, A)
-    values: torch.Tensor  # (B, A)
+    values: Optional[torch.Tensor]  # (B, A); None without a critic
     scores: torch.Tensor  # (B,) after normalisation, clipping and EOS penalty
     raw_scores: torch.Tensor  # (B,) as the reward returned them
     kl: torch.Tensor  # (B, A) per-token KL estimate (0 outside the mask)
     rewards: torch.Tensor = None  # (B, A)
     advantages: torch.Tensor = None  # (B, A)
-    returns: torch.Tensor = None  # (B, A)
+    returns: torch.Tensor = None  # (B, A); the value target (gae only)
 
     @property
     def sequences(self):
@@ -638,24 +668,34 @@ def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_i
 @torch.no_grad()
 def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False,
                     policy: bool = True):
-    """Policy and reference logprobs and critic values (each (B, A)), `chunk` rows at a time, and with
-    `entropy` the policy's entropy per token (B, A) (else None): measured here, once per rollout, rather
-    than in every training forward, where it would cost a softmax over (B, A, V) per micro-batch.
-    `policy=False`: the policy's logprobs came from generation; no policy pass (logprobs and entropy None)."""
+    """Policy and reference logprobs and critic values (each (B, A); values None without a critic),
+    `chunk` rows at a time, and with `entropy` the policy's entropy per token (B, A) (else None): measured
+    here, once per rollout, rather than in every training forward, where it would cost a softmax over
+    (B, A, V) per micro-batch. `policy=False`: the policy's logprobs came from generation; no policy pass
+    (logprobs and entropy None)."""
+    has_critic = _unwrapped(ac).has_critic
     lp, ref_lp, vals, ent = [], [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
         keep = responses.shape[1] + 1
-        logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
-        if policy:
-            lp.append(response_logprobs(logits, responses[s], temperature))
-        if entropy and policy:
-            ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
-        vals.append(values[:, prompt_len - 1:-1].float())
-        del logits
+        if policy or has_critic:
+            logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
+            if policy:
+                lp.append(response_logprobs(logits, responses[s], temperature))
+            if entropy and policy:
+                ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
+            if has_critic:
+                vals.append(values[:, prompt_len - 1:-1].float())
+            del logits
         ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
         ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
-    return (torch.cat(lp) if policy else None), torch.cat(ref_lp), torch.cat(vals), (torch.cat(ent) if ent else None)
+    return ((torch.cat(lp) if policy else None), torch.cat(ref_lp), (torch.cat(vals) if vals else None),
+            (torch.cat(ent) if ent else None))
+
+
+def _unwrapped(model):
+    """The ActorCritic inside a DDP / DeepSpeed wrapper (or itself)."""
+    return getattr(model, "module", model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,15 +703,17 @@ def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chun
 
 
 def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyperparameters, sizes: BatchSizes,
-               generator: torch.Generator) -> dict[str, float]:
-    """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss: a token-level mean over
+               generator: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
+    """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss (no value loss without a
+    critic; + kl_coef x the KL to the reference with `kl_penalty: loss`): a token-level mean over
     the mini-batch of all processes. Each micro-batch's loss is weighted by its share of those tokens, so
     gradient accumulation and the number of processes give the same update as one big batch (a process
     with longer responses weighs more; DDP and DeepSpeed average gradients over processes, hence x world).
     The policy's and the critic's gradients are clipped separately (`max_grad_norm`, `critic_max_grad_norm`)."""
     ids, mask, pos = r.sequences
     P = r.query_ids.shape[1]
-    groups = accelerator.unwrap_model(model).parameter_groups()
+    unwrapped = accelerator.unwrap_model(model)
+    groups = {k: v for k, v in unwrapped.parameter_groups().items() if v}
     clip = {"policy": cfg.max_grad_norm,
             "critic": cfg.max_grad_norm if cfg.critic_max_grad_norm is None else cfg.critic_max_grad_norm}
     deepspeed = accelerator.state.deepspeed_plugin is not None  # its engine clips (gradient_clipping)
@@ -690,10 +732,21 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                 with accelerator.accumulate(model):
                     logits, values = model(ids[i], mask[i], pos[i], logits_to_keep=r.responses.shape[1] + 1)
                     new_lp = response_logprobs(logits, r.responses[i], cfg.temperature)
-                    new_values = values[:, P - 1:-1].float()
                     pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
-                    vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask, cfg.cliprange_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    step_stats = {"loss/policy": pg_loss, "policy/clipfrac": pg["clipfrac"],
+                                  "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"]}
+                    loss = pg_loss
+                    if unwrapped.has_critic:
+                        new_values = values[:, P - 1:-1].float()
+                        vf_loss, vf = core.value_loss(new_values, r.values[i], r.returns[i], rmask,
+                                                      cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * vf_loss
+                        step_stats.update({"loss/value": vf_loss, "val/clipfrac": vf["clipfrac"]})
+                    if cfg.kl_penalty == "loss":  # GRPO's KL term, with gradient through the current policy
+                        kl_loss = core.masked_mean(core.kl_estimate(new_lp, r.ref_logprobs[i], cfg.kl_estimator),
+                                                   rmask)
+                        loss = loss + kl_coef * kl_loss
+                        step_stats["loss/kl"] = kl_loss
                     if cfg.entropy_coef:  # the bonus only: the entropy metric is measured once, in the rollout
                         entropy = core.masked_mean(core.entropy_from_logits(logits[:, :-1], cfg.temperature), rmask)
                         loss = loss - cfg.entropy_coef * entropy
@@ -711,15 +764,49 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                     if accelerator.sync_gradients:  # not prepared by accelerate, which would step it
                         scheduler.step()            # once per process
                     optimizer.zero_grad()
-                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg["clipfrac"],
-                             "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"],
-                             "val/clipfrac": vf["clipfrac"]}.items():
+                for k, v in step_stats.items():
                     stats.setdefault(k, []).append(v.detach().float())
     model.eval()
     # one device-to-host copy for the whole update, not one per statistic per micro-batch
     names = list(stats)
     means = torch.stack([torch.stack(stats[k]).float().mean() for k in names]).tolist()
     return dict(zip(names, means))
+
+
+def advantages(rewards: torch.Tensor, values: Optional[torch.Tensor], response_mask: torch.Tensor,
+               p: PPOHyperparameters, all_reduce=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(advantages (B, A), returns (B, A) or None) of the per-token rewards (B, A) by
+    `p.advantage_estimator`; the math is in ppo_core. rloo/grpo credit every token of a response with its
+    sequence advantage (the sum of its rewards: score minus the KL penalty, against the group's baseline);
+    gae and reinforce_pp are whitened over the global batch when `p.whiten_advantages` (for reinforce_pp
+    that normalisation is its baseline)."""
+    mask = response_mask.bool()
+    est = p.advantage_estimator
+    returns = None
+    if est == "gae":
+        adv, returns = core.gae(rewards, values, mask, p.gamma, p.lam)
+    elif est == "reinforce_pp":
+        adv = core.returns_to_go(rewards, mask, p.gamma)
+    else:
+        sequence = rewards.sum(-1)  # (B,): rewards are 0 outside the mask
+        seq_adv = (core.rloo_advantages(sequence, p.samples_per_prompt) if est == "rloo" else
+                   core.grpo_advantages(sequence, p.samples_per_prompt, p.grpo_std_normalization))
+        return torch.where(mask, seq_adv[:, None], 0), None
+    if p.whiten_advantages:  # over the global batch (N+ details), not each process's slice
+        adv = core.masked_whiten(adv, mask, all_reduce=all_reduce)
+    return adv, returns
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers this process holds (ZeRO-3: its shards), each storage once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        t = getattr(t, "ds_tensor", None) if getattr(t, "ds_numel", None) is not None else t
+        if t is None or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.untyped_storage().nbytes()
+    return total
 
 
 def _reward_normalization(setting: str, reward, is_main: bool) -> str:
@@ -765,8 +852,8 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) 
 
 
 def export_models(accelerator, ac_wrapped, tokenizer, out: Path, base_path: str) -> None:
-    """The trained policy (adapter or full model, + tokenizer) in out/policy, the critic in out/critic:
-    ordinary directories that peft/transformers load."""
+    """The trained policy (adapter or full model, + tokenizer) in out/policy, the critic (if any) in
+    out/critic: ordinary directories that peft/transformers load."""
     state = accelerator.get_state_dict(ac_wrapped)  # gathers ZeRO-3 shards
     if not accelerator.is_main_process:
         return
@@ -774,10 +861,11 @@ def export_models(accelerator, ac_wrapped, tokenizer, out: Path, base_path: str)
     sub = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    exported = ("policy", "critic") if ac.has_critic else ("policy",)
     if ac.shared:
-        ac.policy.save_pretrained(tmp / "policy", selected_adapters=["policy"], state_dict=sub("policy."))
-        ac.policy.save_pretrained(tmp / "critic", selected_adapters=["critic"], state_dict=sub("policy."))
-        for d in ("policy", "critic"):  # peft nests non-default adapters in a sub-folder; flatten it
+        for d in exported:
+            ac.policy.save_pretrained(tmp / d, selected_adapters=[d], state_dict=sub("policy."))
+        for d in exported:  # peft nests non-default adapters in a sub-folder; flatten it
             nested = tmp / d / d
             if nested.exists():
                 for f in nested.iterdir():
@@ -789,10 +877,13 @@ def export_models(accelerator, ac_wrapped, tokenizer, out: Path, base_path: str)
             cfg_file.write_text(json.dumps(adapter_cfg, indent=2))
     else:
         ac.policy.save_pretrained(tmp / "policy", state_dict=sub("policy."), safe_serialization=True)
-        ac.critic.save_pretrained(tmp / "critic", state_dict=sub("critic."), safe_serialization=True)
-    from safetensors.torch import save_file
+        if ac.has_critic:
+            ac.critic.save_pretrained(tmp / "critic", state_dict=sub("critic."), safe_serialization=True)
+    if ac.has_critic:
+        from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in sub("value_head.").items()}, tmp / "critic" / "value_head.safetensors")
+        save_file({k: v.contiguous() for k, v in sub("value_head.").items()},
+                  tmp / "critic" / "value_head.safetensors")
     tokenizer.save_pretrained(tmp / "policy")
     checkpoints.publish_dir(tmp, out)
 
@@ -911,9 +1002,11 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     groups = ac.parameter_groups()  # {"policy": [...], "critic": [...]}, trainable only
     trainable = sum(getattr(q, "ds_numel", q.numel()) for g in groups.values() for q in g)  # ZeRO-3: 0 local
     critic_lr = p.learning_rate if p.critic_learning_rate is None else p.critic_learning_rate
-    optimizer = torch.optim.AdamW([{"params": groups["policy"], "lr": p.learning_rate},
-                                   {"params": groups["critic"], "lr": critic_lr}],
-                                  weight_decay=p.weight_decay, eps=1e-5)
+    param_groups = [{"params": groups["policy"], "lr": p.learning_rate}]
+    if ac.has_critic:
+        param_groups.append({"params": groups["critic"], "lr": critic_lr})
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=p.weight_decay, eps=1e-5)
+    model_bytes = _model_bytes(ac)  # parameters and buffers held by this process (no critic: less)
     warmup = int(p.warmup_steps * sizes.optimizer_steps) if p.warmup_steps < 1 else int(p.warmup_steps)
     scheduler = transformers.get_scheduler(p.lr_scheduler_type, optimizer, warmup, sizes.optimizer_steps)
     if accelerator.state.deepspeed_plugin is not None:
@@ -1068,14 +1161,13 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         kl = core.kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * response_mask
         r = Rollout(batch_prompts, query_ids, query_mask, responses, response_mask, logprobs, ref_logprobs,
                     values, scores, raw, kl)
-        r.rewards = core.per_token_rewards(scores, kl, response_mask, kl_ctl.value)
-        r.advantages, r.returns = core.gae(r.rewards, values, response_mask, p.gamma, p.lam)
-        if p.whiten_advantages:  # over the global batch (N+ details), not each process's slice
-            r.advantages = core.masked_whiten(r.advantages, response_mask, all_reduce=sum_over_processes)
+        kl_in_reward = kl_ctl.value if p.kl_penalty == "reward" else 0.0
+        r.rewards = core.per_token_rewards(scores, kl, response_mask, kl_in_reward)
+        r.advantages, r.returns = advantages(r.rewards, values, response_mask, p, sum_over_processes)
 
         # 6. update
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, r, p,
-                                 sizes, torch.Generator().manual_seed(cfg.seed * 1000003 + step))
+                                 sizes, torch.Generator().manual_seed(cfg.seed * 1000003 + step), kl_ctl.value)
         t_train = time.perf_counter()
         if engine is not None and step + 1 < p.steps:  # the next rollout samples from the updated policy
             engine.wake_up()
@@ -1096,9 +1188,9 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             "objective/rlhf_reward": g(scores - kl_ctl.value * seq_kl),
             "objective/kl_coef": kl_ctl.value,
             "objective/nan_scores": g(nan.float()),
-            "val/explained_variance": g(core.explained_variance(values, r.returns, response_mask)),
-            "val/mean": g(core.masked_mean(values, response_mask)),
-            "val/returns_mean": g(core.masked_mean(r.returns, response_mask)),
+            **({"val/explained_variance": g(core.explained_variance(values, r.returns, response_mask)),
+                "val/mean": g(core.masked_mean(values, response_mask)),
+                "val/returns_mean": g(core.masked_mean(r.returns, response_mask))} if values is not None else {}),
             "policy/advantages_mean": g(core.masked_mean(r.advantages, response_mask)),
             "policy/advantages_std": g(core.masked_var(r.advantages, response_mask).sqrt()),
             "response/length": g(response_mask.sum(-1)),
@@ -1106,7 +1198,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             **({"policy/entropy": g(core.masked_mean(entropy, response_mask))} if entropy is not None else {}),
             **{k: g(torch.tensor(v)) for k, v in train_stats.items()},
             "lr": scheduler.get_last_lr()[0],
-            "lr_critic": scheduler.get_last_lr()[1],
+            **({"lr_critic": scheduler.get_last_lr()[1]} if ac.has_critic else {}),
             "time/generate": t_gen - t0,
             "time/forward": t_fwd - t_gen,
             "time/score": t_score - t_fwd,
@@ -1116,6 +1208,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             "tokens_per_second": n_tokens / (t_sync - t0),
             **engine_metrics,
             "memory/peak_gb": peak_memory_gb(),
+            "memory/model_gb": model_bytes / 1e9,
         }
         kl_ctl.update(metrics["objective/kl"], sizes.global_rollout)
         if evaluator is not None and evaluator.due(step + 1, p.steps):

@@ -276,6 +276,67 @@ def gae(
     return advantages, returns
 
 
+def returns_to_go(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted return from each token to the end of its response: G_t = sum_{s>=t} gamma^(s-t) r_s.
+
+    rewards, response_mask: (B, A) -> (B, A), 0 at masked positions. The advantage of REINFORCE++
+    (Hu 2025, https://arxiv.org/abs/2501.03262): the per-token rewards (KL penalty on each token, the
+    score on the last) summed forward, with no critic; its baseline is the normalisation of these
+    returns over the global batch, which the caller applies (`masked_whiten`). Equal to `gae` with
+    values 0 and lam 1.
+    """
+    mask = response_mask.bool()
+    out = torch.zeros_like(rewards)  # (B, A)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(mask[:, t], running, 0)
+    return out
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (B / k, k): the k responses to one prompt are consecutive rows (see `ppo.samples_per_prompt`)."""
+    if rewards.dim() != 1:
+        raise ValueError(f"expected one reward per response (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"a group baseline needs at least 2 responses per prompt, got group_size={group_size}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} responses do not split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE with a leave-one-out baseline (RLOO; Ahmadian et al. 2024, "Back to Basics",
+    https://arxiv.org/abs/2402.14740, after Kool et al. 2019): each response's baseline is the mean
+    reward of the other k - 1 responses to its prompt, so it is unbiased (the baseline does not
+    depend on the response it judges).
+
+    rewards: (B,) sequence rewards (score minus the KL penalty), consecutive groups of `group_size`
+    -> (B,) advantages A_i = R_i - mean_{j != i} R_j = k / (k - 1) * (R_i - mean_j R_j).
+    """
+    g = _grouped(rewards, group_size)  # (B / k, k)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024, "DeepSeekMath", https://arxiv.org/abs/2402.03300,
+    section 4.1.2, outcome supervision): A_i = (R_i - mean(R)) / std(R) over the k responses to a prompt.
+
+    rewards: (B,), consecutive groups of `group_size` -> (B,). std is the sample standard deviation
+    (Bessel-corrected); a group whose rewards are all equal gets advantage 0 (`eps` guards the division).
+    `scale_by_std=False` keeps only the centring (Liu et al. 2025, "Understanding R1-Zero-like
+    training", https://arxiv.org/abs/2503.20783: dividing by the std weighs prompts whose responses
+    barely differ, too easy or too hard, the most).
+    """
+    g = _grouped(rewards, group_size)  # (B / k, k)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------

@@ -24,26 +24,30 @@ LAUNCH = {
 }
 
 
-def launch(kind, out, policy, method):
+def launch(kind, out, policy, method, *extra):
     env = {**ENV, "ACCELERATE_USE_CPU": "true"} if kind == "ddp" else ENV
     cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", *LAUNCH[kind], "-m", "rlhf", "ppo", "--model.name_or_path", policy,
            "--data.train", "builtin:quickstart_prompts", "--output_dir", str(out), "--peft.method", method,
            "--ppo.steps", "3", "--ppo.max_new_tokens", "8", "--ppo.per_device_rollout_batch_size", "8",
            "--ppo.num_mini_batches", "2", "--ppo.learning_rate", "3e-3", "--ppo.temperature", "1.0",
-           "--reward.spec", "tests/rewards.py:digit_fraction", "--sample_every", "0", "--save_steps", "3"]
+           "--reward.spec", "tests/rewards.py:digit_fraction", "--sample_every", "0", "--save_steps", "3", *extra]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
-@pytest.mark.parametrize("kind, method", [("ddp", "lora"), ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora")])
-def test_two_process_ppo(tmp_path, sft_policy, kind, method):  # noqa: F811
+@pytest.mark.parametrize("kind, method, estimator", [
+    ("ddp", "lora", "gae"), ("zero2", "lora", "gae"), ("zero3", "full", "gae"), ("zero3", "lora", "gae"),
+    ("ddp", "lora", "grpo"), ("zero3", "full", "rloo")])  # critic-free: no critic group, model or adapter
+def test_two_process_ppo(tmp_path, sft_policy, kind, method, estimator):  # noqa: F811
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ppo"
-    p = launch(kind, out, sft_policy, method)
+    p = launch(kind, out, sft_policy, method, "--ppo.advantage_estimator", estimator,
+               "--ppo.samples_per_prompt", "1" if estimator == "gae" else "2")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert (out / "critic").exists() == (estimator == "gae")
     assert "2 process(es), rollout 16/step" in p.stdout  # both ranks take part, each with its own prompts
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3]

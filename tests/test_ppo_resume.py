@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 VOLATILE = ("time/", "tokens_per_second", "memory/")
 
 
-def args(out, policy):
+def base_args(out, policy):
     return ["--model.name_or_path", policy, "--data.train", "builtin:quickstart_prompts", "--output_dir", str(out),
             "--ppo.steps", "6", "--ppo.learning_rate", "3e-3", "--ppo.max_new_tokens", "8",
             "--ppo.per_device_rollout_batch_size", "8", "--ppo.num_mini_batches", "2", "--ppo.temperature", "1.0",
@@ -31,8 +31,13 @@ def stable(history):
     return [{k: v for k, v in m.items() if not k.startswith(VOLATILE)} for m in history]
 
 
-def test_killed_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkeypatch):  # noqa: F811
+ESTIMATOR_ARGS = {"gae": [], "grpo": ["--ppo.advantage_estimator", "grpo", "--ppo.samples_per_prompt", "2"]}
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkeypatch, estimator):  # noqa: F811
     monkeypatch.chdir(REPO)
+    args = lambda out, policy: base_args(out, policy) + ESTIMATOR_ARGS[estimator]  # noqa: E731
     straight = ppo.main(config.parse(ppo.PPOConfig, args(tmp_path / "straight", sft_policy), "t"), reward=DigitReward())
 
     out = tmp_path / "killed"
