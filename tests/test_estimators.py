@@ -22,7 +22,7 @@ def estimator_config(tmp_path, policy, estimator, *args):
     return ppo_config(tmp_path, policy, "--ppo.advantage_estimator", estimator, "--ppo.samples_per_prompt", "4", *args)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_critic_free_run_builds_no_critic(tmp_path, sft_policy, method):  # noqa: F811
     from accelerate import PartialState
 
