@@ -13,12 +13,13 @@ relative). For each seed:
    reward model can reach on these labels (Bayes) is therefore known exactly.
 3. Reward model: trained on those labels (started from the SFT model, as InstructGPT); its accuracy on held-out
    pairs is reported next to the Bayes accuracy of the same pairs.
-4. PPO (ours) optimises the reward model; every `eval_every` iterations the policy is sampled on held-out
-   prompts and we record its gold reward, the proxy (reward-model) score and its KL to the SFT policy.
-5. Best-of-n sampling from the SFT policy, ranked by the reward model: gold reward against the analytic
-   KL log n - (n - 1) / n.
-6. TRL's RLOOTrainer on the same SFT policy, reward model, prompts, number of sampled responses,
-   learning rate and KL coefficient, evaluated the same way.
+4. The methods (`--methods`), each from the same SFT model with the same prompts and budget: our trainer
+   with each advantage estimator (`ppo` with its GAE critic; critic-free `grpo`, `rloo`, `reinforce_pp`)
+   optimising the reward model; `dpo` on the reward model's training pairs (no reward model);
+   `trl_rloo`, TRL's RLOOTrainer; `best_of_n`, SFT samples ranked by the reward model (gold reward against
+   the analytic KL log n - (n - 1) / n). Every `eval_every` iterations (DPO: at as many checkpoints) the
+   policy is sampled on held-out prompts: its gold reward, the proxy (reward-model) score and its KL to
+   the SFT policy. Each method's wall time and peak memory are recorded.
 
 Over-optimisation (Gao et al. 2022) shows as the proxy score still rising while the gold reward falls.
 The report (report.md, report.json, plots/*.png) gives per-seed numbers and means over seeds.
@@ -39,6 +40,15 @@ from policies.config import ModelConfig, PeftConfig, TinyModelConfig
 from rlhf import bench_math as bm
 from rlhf import synthetic
 from rlhf.errors import UserError
+
+
+ONLINE = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}  # method -> estimator
+GROUP = ("grpo", "rloo", "trl_rloo")  # sample group_size responses per prompt
+METHODS = (*ONLINE, "dpo", "best_of_n", "trl_rloo")
+LABELS = {"ppo": "PPO (ours, GAE critic)", "grpo": "GRPO (ours)", "rloo": "RLOO (ours)",
+          "reinforce_pp": "REINFORCE++ (ours)", "dpo": "DPO (ours, TRL DPOTrainer)", "trl_rloo": "TRL RLOOTrainer",
+          "best_of_n": "best-of-n"}
+
 
 
 @dataclass
@@ -73,14 +83,27 @@ class BenchAlignConfig:
     """Reward-model learning rate."""
     rm_test_fraction: float = 0.2
     """Pairs held out to measure reward-model accuracy (another 10% pick the best checkpoint)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """What is compared on the same SFT model, prompts and budget: `ppo` (ours, GAE critic), `grpo`, `rloo`,
+    `reinforce_pp` (ours, critic-free: `ppo.advantage_estimator`), `dpo` (ours, on the reward model's
+    pairs), `best_of_n` (SFT samples ranked by the reward model), `trl_rloo` (TRL's RLOOTrainer)."""
     ppo_steps: int = 60
-    """PPO iterations; RLOO gets the same number of sampled responses."""
+    """Iterations of every online method (ppo, grpo, rloo, reinforce_pp, trl_rloo)."""
     rollout_batch: int = 32
-    """Responses sampled per iteration (PPO: prompts per iteration; RLOO: prompts x rloo_k)."""
+    """Responses sampled per iteration by every online method (group methods: rollout_batch / group_size
+    prompts x group_size); also DPO's pairs per step."""
+    group_size: int = 4
+    """Responses per prompt of the group methods (grpo, rloo, trl_rloo): their baseline's group."""
     learning_rate: float = 1e-3
-    """LoRA learning rate of PPO and RLOO."""
+    """LoRA learning rate of the online methods."""
     kl_coef: float = 0.05
-    """KL penalty coefficient of PPO and (as beta) RLOO. Small values let over-optimisation show."""
+    """KL penalty coefficient of the online methods (TRL RLOO's beta). Small values let over-optimisation show."""
+    dpo_steps: int = 120
+    """DPO optimizer steps (batch rollout_batch pairs)."""
+    dpo_beta: float = 0.1
+    """DPO's beta (its implicit KL strength)."""
+    dpo_learning_rate: float = 5e-4
+    """DPO's LoRA learning rate."""
     eval_every: int = 10
     """Evaluate the policy (gold reward, proxy score, KL to SFT) every N iterations."""
     eval_prompts: int = 128
@@ -91,10 +114,6 @@ class BenchAlignConfig:
     """Longest response."""
     temperature: float = 1.0
     """Sampling temperature of every policy, in training and evaluation."""
-    rloo: bool = True
-    """Also run TRL's RLOOTrainer."""
-    rloo_k: int = 4
-    """RLOO samples per prompt (its leave-one-out baseline)."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """What samples our PPO's rollouts (`ppo.rollout_engine`): the outcome should not depend on it."""
 
@@ -109,8 +128,14 @@ def check(cfg: BenchAlignConfig) -> None:
         raise UserError(f"chatty must be in [0, 1], got {cfg.chatty}")
     if cfg.best_of_n < 1 or cfg.best_of_n & (cfg.best_of_n - 1):
         raise UserError(f"best_of_n must be a power of two, got {cfg.best_of_n}")
-    if cfg.rloo and cfg.rollout_batch % cfg.rloo_k:
-        raise UserError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by rloo_k ({cfg.rloo_k})")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise UserError(f"methods: expected some of {', '.join(METHODS)}, got {' '.join(cfg.methods) or 'none'}")
+    if len(set(cfg.methods)) < len(cfg.methods):
+        raise UserError(f"methods: each method once, got {' '.join(cfg.methods)}")
+    if any(m in GROUP for m in cfg.methods) and (cfg.group_size < 2 or cfg.rollout_batch % cfg.group_size):
+        raise UserError(f"group_size must be at least 2 and divide rollout_batch ({cfg.rollout_batch}), "
+                        f"got {cfg.group_size}")
     if cfg.eval_every < 1 or cfg.ppo_steps < 1:
         raise UserError("ppo_steps and eval_every must be at least 1")
     if not 0 < cfg.rm_test_fraction < 0.8:
@@ -270,7 +295,49 @@ def best_of_n_curve(cfg: BenchAlignConfig, sft, tok, prompts: list, proxy, seed:
     return curve
 
 
-def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
+class PeakMemory:
+    """Peak memory while a method runs: on CUDA the allocator's peak (reset at the start); on a CPU this
+    process's resident set size, sampled every `interval` s by a background thread (the process's RSS
+    includes what was loaded before the method started)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_gb = interval, 0.0
+
+    @staticmethod
+    def rss_gb() -> float:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb * 1024 / 1e9
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_gb = max(self.peak_gb, self.rss_gb())
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.peak_gb = self.rss_gb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            self.peak_gb = torch.cuda.max_memory_allocated() / 1e9
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_gb = max(self.peak_gb, self.rss_gb())
+
+
+def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluator: Evaluator, out: Path,
+               seed: int) -> list[dict]:
+    """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts,
+    responses per iteration, LoRA, learning rate, epochs and KL coefficient for each."""
     from rlhf import ppo
 
     prompts_file = out / "data" / "ppo_prompts.jsonl"
@@ -292,23 +359,54 @@ def run_ppo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, ou
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
                                    reward_normalization="model",
                                    missing_eos_penalty=None,  # the setting the README's figures were measured with
+                                   advantage_estimator=ONLINE[method],
+                                   samples_per_prompt=cfg.group_size if method in GROUP else 1,
                                    rollout_engine=cfg.rollout_engine),
-        output_dir=str(out / "ppo"), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
+        output_dir=str(out / method), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
         reward=proxy, on_step=on_step)
     return evals
 
 
-def run_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> dict:
+def run_dpo(cfg: BenchAlignConfig, sft_dir: str, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
+    """DPO (LoRA, the SFT model as reference) on the pairs the reward model learnt from, no reward model
+    involved; its checkpoints along the way are evaluated like the online methods' iterations."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from rlhf import dpo
+    from rlhf.config import DPOConfig, DPOOptions, DPOTrainConfig, PreferenceDataConfig
+    from rlhf.eval_policy import load_lm
+
+    every = max(cfg.dpo_steps // max(cfg.ppo_steps // cfg.eval_every, 1), 1)  # as many points as the online paths
+    dpo.main(DPOConfig(
+        model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method="lora", r=16, lora_alpha=32, lora_dropout=0.0),
+        data=PreferenceDataConfig(train=str(out / "data" / "prefs_train.jsonl"), format="pairs",
+                                  validation=str(out / "data" / "prefs_validation.jsonl")),
+        train=DPOTrainConfig(learning_rate=cfg.dpo_learning_rate, max_steps=cfg.dpo_steps, warmup_steps=0.1,
+                             per_device_train_batch_size=cfg.rollout_batch, per_device_eval_batch_size=64,
+                             max_length=128, lr_scheduler_type="cosine", logging_steps=every, eval_steps=every,
+                             save_total_limit=cfg.dpo_steps),
+        dpo=DPOOptions(beta=cfg.dpo_beta), output_dir=str(out / "dpo"), seed=seed))
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    evals = []
+    for ckpt in sorted((out / "dpo").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
+        policy = PeftModel.from_pretrained(load_lm(sft_dir), str(ckpt)).merge_and_unload().eval()
+        evals.append({"step": int(ckpt.name.split("-")[1]), **evaluator(policy, tok)})
+    return evals
+
+
+def run_trl_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
     from rlhf import trl_rloo
 
     result = trl_rloo.run_rloo(
-        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), _train_prompts(cfg, seed), str(out / "rloo"),
-        trl_rloo.RLOOSettings(steps=cfg.ppo_steps, prompts_per_step=cfg.rollout_batch // cfg.rloo_k,
-                              num_generations=cfg.rloo_k, learning_rate=cfg.learning_rate, beta=cfg.kl_coef,
+        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), _train_prompts(cfg, seed),
+        str(out / "trl_rloo"),
+        trl_rloo.RLOOSettings(steps=cfg.ppo_steps, prompts_per_step=cfg.rollout_batch // cfg.group_size,
+                              num_generations=cfg.group_size, learning_rate=cfg.learning_rate, beta=cfg.kl_coef,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, lora_r=16,
                               lora_alpha=32, seed=seed, eval_every=cfg.eval_every),
         on_eval=lambda step, model, tok: evaluator(model, tok))
-    return {"evals": result["evals"], "time": result["time"], "responses": result["responses"]}
+    return result["evals"]
 
 
 def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
@@ -328,22 +426,28 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
     timings["reward"] = time.perf_counter() - t
     proxy = load_reward(rm_dir, kind="preference", batch_size=128)
     result = {"seed": seed, "pairs": {k: len(v) for k, v in splits.items()},
-              "reward_model": reward_accuracy(proxy, splits["test"], cfg.bt_beta)}
+              "reward_model": reward_accuracy(proxy, splits["test"], cfg.bt_beta), "methods": {}}
     eval_prompts = _prompts(cfg, cfg.eval_prompts, 70_000 + seed)
     evaluator = Evaluator(cfg, sft, eval_prompts, proxy, seed)
-    t = time.perf_counter()
-    result["best_of_n"] = best_of_n_curve(cfg, sft, tok, eval_prompts, proxy, seed)
-    timings["best_of_n"] = time.perf_counter() - t
     result["sft"] = evaluator(sft, tok)
-    t = time.perf_counter()
-    result["ppo"] = run_ppo(cfg, sft_dir, proxy, evaluator, out, seed)
-    timings["ppo"] = time.perf_counter() - t
-    if cfg.rloo:
+    for method in cfg.methods:
+        print(f"\n--- bench align: seed {seed}, {method} ---")
         t = time.perf_counter()
-        result["rloo"] = run_rloo(cfg, sft_dir, proxy, evaluator, out, seed)
-        timings["rloo"] = time.perf_counter() - t
+        with PeakMemory() as memory:
+            if method == "best_of_n":
+                record = {"curve": best_of_n_curve(cfg, sft, tok, eval_prompts, proxy, seed)}
+            elif method == "dpo":
+                record = {"evals": run_dpo(cfg, sft_dir, evaluator, out, seed)}
+            elif method == "trl_rloo":
+                record = {"evals": run_trl_rloo(cfg, sft_dir, proxy, evaluator, out, seed)}
+            else:
+                record = {"evals": run_online(cfg, method, sft_dir, proxy, evaluator, out, seed)}
+        record.update(time_s=time.perf_counter() - t, peak_memory_gb=memory.peak_gb)
+        if "evals" in record:
+            record["over_optimisation"] = over_optimisation([{"step": 0, **result["sft"]}] + record["evals"])
+        result["methods"][method] = record
+        timings[method] = record["time_s"]
     result["timings_s"] = timings
-    result["over_optimisation"] = over_optimisation([{"step": 0, **result["sft"]}] + result["ppo"])
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -365,7 +469,7 @@ def over_optimisation(evals: list[dict]) -> dict:
 
 
 def summarise(cfg: BenchAlignConfig, results: list[dict]) -> dict:
-    """Means (± standard error over seeds) of the headline numbers."""
+    """Means (± standard error over seeds) of the headline numbers, per method."""
     def over_seeds(get):
         values = [get(r) for r in results]
         mean, se = bm.mean_and_se(values)
@@ -377,18 +481,27 @@ def summarise(cfg: BenchAlignConfig, results: list[dict]) -> dict:
         "bayes_accuracy": over_seeds(lambda r: r["reward_model"]["bayes_accuracy"]),
         "rm_gold_order_accuracy": over_seeds(lambda r: r["reward_model"]["gold_order_accuracy"]),
         "sft_gold": over_seeds(lambda r: r["sft"]["gold"]),
-        "ppo_final_gold": over_seeds(lambda r: r["ppo"][-1]["gold"]),
-        "ppo_final_kl": over_seeds(lambda r: r["ppo"][-1]["kl"]),
-        "ppo_peak_gold": over_seeds(lambda r: r["over_optimisation"]["peak_gold"]),
-        "ppo_final_proxy": over_seeds(lambda r: r["ppo"][-1]["proxy"]),
-        "bon_max_gold": over_seeds(lambda r: r["best_of_n"][-1]["gold"]),
-        "over_optimisation_seeds": sum(r["over_optimisation"]["detected"] for r in results),
+        "sft_proxy": over_seeds(lambda r: r["sft"]["proxy"]),
+        "methods": {},
     }
-    if cfg.rloo:
-        s["rloo_final_gold"] = over_seeds(lambda r: r["rloo"]["evals"][-1]["gold"])
-        s["rloo_final_kl"] = over_seeds(lambda r: r["rloo"]["evals"][-1]["kl"])
-    # best-of-n at the KL PPO ended with, interpolated on the analytic KL axis
-    s["bon_gold_at_ppo_kl"] = over_seeds(lambda r: _interpolate(r["best_of_n"], r["ppo"][-1]["kl"]))
+    for m in cfg.methods:
+        rec = lambda r, m=m: r["methods"][m]  # noqa: E731
+        row = {"time_s": over_seeds(lambda r: rec(r)["time_s"]),
+               "peak_memory_gb": over_seeds(lambda r: rec(r)["peak_memory_gb"])}
+        if m == "best_of_n":
+            row.update(final_gold=over_seeds(lambda r: rec(r)["curve"][-1]["gold"]),
+                       final_kl=over_seeds(lambda r: rec(r)["curve"][-1]["kl"]),
+                       final_proxy=over_seeds(lambda r: rec(r)["curve"][-1]["proxy"]))
+            if "ppo" in cfg.methods:  # best-of-n at the KL PPO ended with, on the analytic KL axis
+                row["gold_at_ppo_kl"] = over_seeds(
+                    lambda r: _interpolate(rec(r)["curve"], r["methods"]["ppo"]["evals"][-1]["kl"]))
+        else:
+            row.update(final_gold=over_seeds(lambda r: rec(r)["evals"][-1]["gold"]),
+                       final_kl=over_seeds(lambda r: rec(r)["evals"][-1]["kl"]),
+                       final_proxy=over_seeds(lambda r: rec(r)["evals"][-1]["proxy"]),
+                       peak_gold=over_seeds(lambda r: rec(r)["over_optimisation"]["peak_gold"]),
+                       over_optimisation_seeds=sum(rec(r)["over_optimisation"]["detected"] for r in results))
+        s["methods"][m] = row
     return s
 
 
@@ -410,55 +523,73 @@ def _pm(x: dict, digits: int = 3) -> str:
 
 def markdown(cfg: BenchAlignConfig, s: dict, results: list[dict], plots: list[str]) -> str:
     n = len(results)
+    memory = "peak GPU memory (GB)" if torch.cuda.is_available() else "peak RSS of the process (GB)"
     lines = [
-        "# Alignment benchmark: gold reward of PPO, best-of-n and TRL RLOO", "",
+        "# Alignment benchmark: gold reward of each method against its KL to the SFT policy", "",
         f"Synthetic instruction task with a known gold reward (1 − relative edit distance to the right answer); "
         f"tiny Llama ({cfg.model.num_hidden_layers} layers, width {cfg.model.hidden_size}); seeds {s['seeds']}. "
         f"Labels: Bradley–Terry with β = {cfg.bt_beta} on pairs of SFT samples. Numbers are means ± standard "
         f"error over {n} seed(s); gold and proxy are measured on {cfg.eval_prompts} held-out prompts, KL(policy ‖ SFT) "
-        "in nats per response on the policy's own samples.", "",
+        "in nats per response on the policy's own samples (best-of-n: the analytic bound).", "",
         "## Reward model", "",
         "| held-out pairs | RM accuracy (vs labels) | Bayes-optimal accuracy | RM accuracy vs gold order |",
         "|---|---|---|---|",
         f"| {results[0]['reward_model']['pairs']} per seed | {_pm(s['rm_accuracy'])} | {_pm(s['bayes_accuracy'])} "
         f"| {_pm(s['rm_gold_order_accuracy'])} |", "",
-        "## Gold reward", "",
-        "| policy | gold reward | KL to SFT | proxy score (normalised) |", "|---|---|---|---|",
-        f"| SFT | {_pm(s['sft_gold'])} | 0 | {bm.mean_and_se([r['sft']['proxy'] for r in results])[0]:.3f} |",
-        f"| PPO (ours), end | {_pm(s['ppo_final_gold'])} | {_pm(s['ppo_final_kl'], 2)} | {_pm(s['ppo_final_proxy'])} |",
-        f"| PPO (ours), best point of its path (SFT included) | {_pm(s['ppo_peak_gold'])} | | |",
+        "## Gold reward per method", "",
+        f"| method | gold reward (end) | KL to SFT | proxy score (normalised) | best gold on its path | "
+        f"wall time (s) | {memory} |", "|---|---|---|---|---|---|---|",
+        f"| SFT | {_pm(s['sft_gold'])} | 0 | {_pm(s['sft_proxy'])} | | | |",
     ]
-    if cfg.rloo:
-        proxy = bm.mean_and_se([r["rloo"]["evals"][-1]["proxy"] for r in results])[0]
-        lines.append(f"| TRL RLOOTrainer, end | {_pm(s['rloo_final_gold'])} | {_pm(s['rloo_final_kl'], 2)} | {proxy:.3f} |")
-    lines += [f"| best-of-n at PPO's KL (interpolated) | {_pm(s['bon_gold_at_ppo_kl'])} | {_pm(s['ppo_final_kl'], 2)} | |",
-              f"| best-of-{cfg.best_of_n} | {_pm(s['bon_max_gold'])} | {bm.best_of_n_kl(cfg.best_of_n):.2f} | |", "",
-              "### Best-of-n (ranked by the reward model; KL = log n − (n−1)/n)", "",
-              "| n | KL | gold | proxy |", "|---|---|---|---|"]
-    for i, point in enumerate(results[0]["best_of_n"]):
-        g = bm.mean_and_se([r["best_of_n"][i]["gold"] for r in results])
-        p = bm.mean_and_se([r["best_of_n"][i]["proxy"] for r in results])
-        lines.append(f"| {point['n']} | {point['kl']:.3f} | {g[0]:.3f} | {p[0]:.3f} |")
-    lines += ["", "## Over-optimisation", "",
-              f"Seeds where the gold reward fell by more than twice its standard error after its peak while the "
-              f"proxy score kept rising: **{s['over_optimisation_seeds']} of {n}**.", "",
-              "| seed | peak gold (step, KL) | last gold | gold fall | proxy rise after the peak |", "|---|---|---|---|---|"]
+    for m in cfg.methods:
+        row = s["methods"][m]
+        label = f"best-of-{cfg.best_of_n}" if m == "best_of_n" else LABELS[m]
+        lines.append(f"| {label} | {_pm(row['final_gold'])} | {_pm(row['final_kl'], 2)} | {_pm(row['final_proxy'])} | "
+                     f"{_pm(row['peak_gold']) if 'peak_gold' in row else ''} | {_pm(row['time_s'], 0)} | "
+                     f"{_pm(row['peak_memory_gb'], 2)} |")
+    if "gold_at_ppo_kl" in s["methods"].get("best_of_n", {}):
+        lines.append(f"| best-of-n at PPO's end KL (interpolated) | {_pm(s['methods']['best_of_n']['gold_at_ppo_kl'])} "
+                     f"| {_pm(s['methods']['ppo']['final_kl'], 2)} | | | | |")
+    if "best_of_n" in cfg.methods:
+        curves = [r["methods"]["best_of_n"]["curve"] for r in results]
+        lines += ["", "### Best-of-n (ranked by the reward model; KL = log n − (n−1)/n)", "",
+                  "| n | KL | gold | proxy |", "|---|---|---|---|"]
+        for i, point in enumerate(curves[0]):
+            g = bm.mean_and_se([c[i]["gold"] for c in curves])
+            p = bm.mean_and_se([c[i]["proxy"] for c in curves])
+            lines.append(f"| {point['n']} | {point['kl']:.3f} | {g[0]:.3f} | {p[0]:.3f} |")
+    paths = [m for m in cfg.methods if m != "best_of_n"]
+    if paths:
+        lines += ["", "## Over-optimisation", "",
+                  "A method over-optimises on a seed when its gold reward fell by more than twice its standard error "
+                  "after its peak while the proxy score kept rising.", "",
+                  "| method | seeds | per seed: peak gold (step, KL) → last gold |", "|---|---|---|"]
+        for m in paths:
+            per_seed = "; ".join(
+                f"{o['peak_gold']:.3f} ({o['peak_step']}, {o['peak_kl']:.2f}) → {o['last_gold']:.3f}"
+                for o in (r["methods"][m]["over_optimisation"] for r in results))
+            lines.append(f"| {LABELS[m]} | {s['methods'][m]['over_optimisation_seeds']} of {n} | {per_seed} |")
+    lines += ["", "## Per seed", "", "| seed | RM acc | Bayes | SFT gold | " +
+              " | ".join(f"{m} gold (KL)" for m in cfg.methods) + " | time (s) |",
+              "|---|---|---|---|" + "---|" * len(cfg.methods) + "---|"]
     for r in results:
-        o = r["over_optimisation"]
-        lines.append(f"| {r['seed']} | {o['peak_gold']:.3f} (step {o['peak_step']}, KL {o['peak_kl']:.2f}) | "
-                     f"{o['last_gold']:.3f} | {o['gold_fall']:+.3f} | {o['proxy_rise']:+.3f} |")
-    lines += ["", "## Per seed", "", "| seed | RM acc | Bayes | SFT gold | PPO gold (KL) | " +
-              ("RLOO gold (KL) | " if cfg.rloo else "") + "time (s) |", "|---|---|---|---|---|" + ("---|" if cfg.rloo else "") + "---|"]
-    for r in results:
-        rloo = f"{r['rloo']['evals'][-1]['gold']:.3f} ({r['rloo']['evals'][-1]['kl']:.2f}) | " if cfg.rloo else ""
+        cells = []
+        for m in cfg.methods:
+            last = r["methods"][m]["curve" if m == "best_of_n" else "evals"][-1]
+            cells.append(f"{last['gold']:.3f} ({last['kl']:.2f})")
         lines.append(f"| {r['seed']} | {r['reward_model']['accuracy']:.3f} | {r['reward_model']['bayes_accuracy']:.3f} | "
-                     f"{r['sft']['gold']:.3f} | {r['ppo'][-1]['gold']:.3f} ({r['ppo'][-1]['kl']:.2f}) | {rloo}"
-                     f"{sum(r['timings_s'].values()):.0f} |")
-    lines += ["", "Same budget: PPO and RLOO each sample "
-              f"{cfg.ppo_steps * cfg.rollout_batch} responses (PPO: {cfg.rollout_batch} prompts × 1 per iteration, "
-              f"4 epochs × 2 mini-batches; RLOO: {cfg.rollout_batch // cfg.rloo_k} prompts × {cfg.rloo_k}, one optimizer "
-              f"step per batch), LoRA r=16 on the same SFT model, learning rate {cfg.learning_rate}, KL coefficient "
-              f"{cfg.kl_coef}, reward = the reward model's normalised score.", ""]
+                     f"{r['sft']['gold']:.3f} | " + " | ".join(cells) + f" | {sum(r['timings_s'].values()):.0f} |")
+    k = cfg.group_size
+    lines += ["", f"Same budget: every online method samples {cfg.ppo_steps * cfg.rollout_batch} responses "
+              f"({cfg.ppo_steps} iterations of {cfg.rollout_batch}: PPO and REINFORCE++ one per prompt, GRPO, RLOO "
+              f"and TRL RLOO {cfg.rollout_batch // k} prompts × {k}), LoRA r=16 on the same SFT model, learning rate "
+              f"{cfg.learning_rate}, KL coefficient {cfg.kl_coef}, reward = the reward model's normalised score; ours "
+              f"run 4 epochs × 2 mini-batches per iteration, TRL RLOO one optimizer step. DPO: {cfg.dpo_steps} steps of "
+              f"{cfg.rollout_batch} of the reward model's training pairs, LoRA r=16, β = {cfg.dpo_beta}, learning rate "
+              f"{cfg.dpo_learning_rate}. Wall time includes each method's evaluations; "
+              + ("peak memory is the CUDA allocator's peak during the method." if torch.cuda.is_available() else
+                 "peak memory is the process's resident set during the method, which includes what the benchmark "
+                 "had loaded before it (the SFT policy and the reward model)."), ""]
     lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -470,37 +601,38 @@ def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    markers = {"best_of_n": "^--", "dpo": "D-", "trl_rloo": "s-"}
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(results):
-        def label(name, first=i == 0):  # one legend entry per method, not per seed
-            return name if first else None
         sft = (0.0, r["sft"]["gold"])
-        ax.plot([sft[0]] + [e["kl"] for e in r["ppo"]], [sft[1]] + [e["gold"] for e in r["ppo"]], "o-", color="C0",
-                alpha=0.8, label=label("PPO (ours)"))
-        if cfg.rloo:
-            ev = r["rloo"]["evals"]
-            ax.plot([sft[0]] + [e["kl"] for e in ev], [sft[1]] + [e["gold"] for e in ev], "s-", color="C2",
-                    alpha=0.8, label=label("TRL RLOO"))
-        ax.plot([p["kl"] for p in r["best_of_n"]], [p["gold"] for p in r["best_of_n"]], "^--", color="C1",
-                alpha=0.8, label=label("best-of-n (analytic KL)"))
+        for m in cfg.methods:
+            points = r["methods"][m]["curve"] if m == "best_of_n" else [{"kl": 0.0, "gold": sft[1]}] + r["methods"][m]["evals"]
+            ax.plot([p["kl"] for p in points], [p["gold"] for p in points], markers.get(m, "o-"), color=colours[m],
+                    alpha=0.8, label=LABELS[m] if i == 0 else None)  # one legend entry per method, not per seed
     ax.set_xlabel("KL(policy ‖ SFT), nats")
     ax.set_ylabel("gold reward")
     ax.set_title("Gold reward against KL (one line per seed)")
-    ax.legend()
+    ax.legend(fontsize=8)
     paths.append(_save(fig, out / "gold_vs_kl.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, r in enumerate(results):
-        steps = [0] + [e["step"] for e in r["ppo"]]
-        axes[0].plot(steps, [r["sft"]["gold"]] + [e["gold"] for e in r["ppo"]], "o-", label=f"seed {r['seed']}")
-        axes[1].plot(steps, [r["sft"]["proxy"]] + [e["proxy"] for e in r["ppo"]], "o-", label=f"seed {r['seed']}")
-    axes[0].set_title("PPO: gold reward")
-    axes[1].set_title("PPO: proxy (reward-model) score")
-    for a in axes:
-        a.set_xlabel("PPO iteration")
-        a.legend()
-    paths.append(_save(fig, out / "ppo_gold_and_proxy.png"))
+    online = [m for m in cfg.methods if m not in ("best_of_n", "dpo")]
+    if online:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, r in enumerate(results):
+            for m in online:
+                ev = r["methods"][m]["evals"]
+                steps = [0] + [e["step"] for e in ev]
+                kw = dict(color=colours[m], alpha=0.8, label=LABELS[m] if i == 0 else None)
+                axes[0].plot(steps, [r["sft"]["gold"]] + [e["gold"] for e in ev], "o-", **kw)
+                axes[1].plot(steps, [r["sft"]["proxy"]] + [e["proxy"] for e in ev], "o-", **kw)
+        axes[0].set_title("gold reward")
+        axes[1].set_title("proxy (reward-model) score")
+        for a in axes:
+            a.set_xlabel("iteration")
+            a.legend(fontsize=8)
+        paths.append(_save(fig, out / "gold_and_proxy.png"))
     return paths
 
 

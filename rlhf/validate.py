@@ -65,10 +65,12 @@ DOMAINS: dict[str, Check] = {
     "min_score_ratio": POSITIVE,
     "missing_eos_penalty": (lambda v: True, "a finite number"),  # any sign: a penalty, or a bonus for stopping
     # the benchmarks' sizes (bench_align.check states the domains of the rest of its fields)
-    **dict.fromkeys(["sft_rows", "sft_steps", "pair_prompts", "rm_steps", "rollout_batch", "eval_prompts", "rloo_k",
+    **dict.fromkeys(["sft_rows", "sft_steps", "pair_prompts", "rm_steps", "rollout_batch", "eval_prompts", "rloo_k", "group_size", "dpo_steps",
                      "tiny_vocab_size", "lora_r", "prompt_length", "response_length"], POSITIVE_INT),
     "bt_beta": POSITIVE,
     "rm_learning_rate": NON_NEGATIVE,
+    "dpo_beta": POSITIVE,
+    "dpo_learning_rate": NON_NEGATIVE,
     "beta": POSITIVE,  # DPO: beta = 0 would drop the reference from the loss (and divide by zero in IPO)
     # robust DPO: a label-flip probability of 0.5 or more makes the loss prefer the rejected reply
     "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),

@@ -2,6 +2,7 @@
 with each other (no timing is asserted)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,12 +12,15 @@ from rlhf import bench_align, bench_math, bench_speed, cli, config
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+MINIATURE = ["--seeds", "0", "--sft_rows", "400", "--sft_steps", "60", "--pair_prompts", "400", "--rm_steps", "20",
+             "--ppo_steps", "4", "--rollout_batch", "16", "--eval_every", "2", "--eval_prompts", "24",
+             "--best_of_n", "4", "--max_new_tokens", "8", "--dpo_steps", "4"]
+
+
 @pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
 def test_bench_align_miniature(tmp_path):
     cfg = config.parse(bench_align.BenchAlignConfig, [
-        "--output_dir", str(tmp_path / "align"), "--seeds", "0", "--sft_rows", "400", "--sft_steps", "60",
-        "--pair_prompts", "400", "--rm_steps", "20", "--ppo_steps", "4", "--rollout_batch", "16", "--eval_every", "2",
-        "--eval_prompts", "24", "--best_of_n", "4", "--rloo", "false", "--max_new_tokens", "8"], "t")
+        "--output_dir", str(tmp_path / "align"), *MINIATURE, "--methods", "ppo", "best_of_n"], "t")
     report = bench_align.main(cfg)
     r = report["seeds"][0]
     # Bayes accuracy: between chance and certainty; the RM is measured on the same held-out pairs
@@ -24,25 +28,66 @@ def test_bench_align_miniature(tmp_path):
     assert 0.5 < rm["bayes_accuracy"] < 1.0 and 0.0 <= rm["accuracy"] <= 1.0
     assert rm["pairs"] == r["pairs"]["test"] > 0
     # best-of-n: analytic KL; n = 1 is plain sampling
-    assert [p["n"] for p in r["best_of_n"]] == [1, 2, 4]
-    assert [p["kl"] for p in r["best_of_n"]] == pytest.approx([bench_math.best_of_n_kl(n) for n in (1, 2, 4)])
-    assert r["best_of_n"][0]["kl"] == 0.0
+    curve = r["methods"]["best_of_n"]["curve"]
+    assert [p["n"] for p in curve] == [1, 2, 4]
+    assert [p["kl"] for p in curve] == pytest.approx([bench_math.best_of_n_kl(n) for n in (1, 2, 4)])
+    assert curve[0]["kl"] == 0.0
     # the proxy picks its favourite, so the proxy score of best-of-n cannot fall with n
-    proxies = [p["proxy"] for p in r["best_of_n"]]
+    proxies = [p["proxy"] for p in curve]
     assert proxies == sorted(proxies)
     # the SFT policy evaluated against itself: KL exactly 0
     assert r["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= r["sft"]["gold"] <= 1.0
     # PPO evaluated at steps 2 and 4, and its KL measured on its own samples is >= 0 in expectation
-    assert [e["step"] for e in r["ppo"]] == [2, 4]
-    assert report["summary"]["ppo_final_gold"]["mean"] == r["ppo"][-1]["gold"]
+    ppo_evals = r["methods"]["ppo"]["evals"]
+    assert [e["step"] for e in ppo_evals] == [2, 4]
+    assert report["summary"]["methods"]["ppo"]["final_gold"]["mean"] == ppo_evals[-1]["gold"]
+    for m in ("ppo", "best_of_n"):
+        assert r["methods"][m]["time_s"] > 0 and r["methods"][m]["peak_memory_gb"] > 0.1
     out = tmp_path / "align"
     md = (out / "report.md").read_text()
     assert "Bayes-optimal accuracy" in md and f"{rm['bayes_accuracy']:.3f}" in md
+    assert "PPO (ours, GAE critic)" in md and "best-of-4" in md
     assert (out / "plots" / "gold_vs_kl.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["summary"]["seeds"] == [0]
     metrics = [json.loads(line) for line in (out / "seed_0" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[1]["eval/gold"] == r["ppo"][0]["gold"]  # the evaluations also land in PPO's metrics
+    assert metrics[1]["eval/gold"] == ppo_evals[0]["gold"]  # the evaluations also land in PPO's metrics
+
+
+@pytest.mark.slow
+def test_bench_align_every_method(tmp_path):
+    methods = ["ppo", "grpo", "rloo", "reinforce_pp", "dpo", "best_of_n", "trl_rloo"]
+    cfg = config.parse(bench_align.BenchAlignConfig, [
+        "--output_dir", str(tmp_path / "align"), *MINIATURE, "--methods", *methods, "--group_size", "4"], "t")
+    report = bench_align.main(cfg)
+    r = report["seeds"][0]["methods"]
+    assert list(r) == methods
+    for m in methods:
+        points = r[m]["curve"] if m == "best_of_n" else r[m]["evals"]
+        assert points and all(0.0 <= p["gold"] <= 1.0 and math.isfinite(p["kl"]) for p in points), m
+        assert r[m]["time_s"] > 0 and r[m]["peak_memory_gb"] > 0.1, m
+    for m in ("ppo", "grpo", "rloo", "reinforce_pp", "trl_rloo"):
+        assert [e["step"] for e in r[m]["evals"]] == [2, 4], m
+    assert [e["step"] for e in r["dpo"]["evals"]] == [2, 4]  # DPO's checkpoints, as many points as the others
+    out = tmp_path / "align"
+    # the critic-free methods built no critic; PPO did
+    assert (out / "seed_0" / "ppo" / "critic").is_dir()
+    assert not [m for m in ("grpo", "rloo", "reinforce_pp") if (out / "seed_0" / m / "critic").exists()]
+    md = (out / "report.md").read_text()
+    assert all(bench_align.LABELS[m] in md for m in methods if m != "best_of_n")
+    assert set(report["summary"]["methods"]) == set(methods)
+    assert (out / "plots" / "gold_vs_kl.png").stat().st_size > 1000
+
+
+def test_peak_memory_sees_an_allocation():
+    with bench_align.PeakMemory(interval=0.005) as quiet:
+        pass
+    with bench_align.PeakMemory(interval=0.005) as busy:
+        x = torch.ones(64 * 2**20)  # 256 MB, touched
+        x += 1
+        del x
+    assert busy.peak_gb > quiet.peak_gb + 0.2
+    assert busy.peak_gb > bench_align.PeakMemory.rss_gb() + 0.2  # a peak, not the RSS after the tensor is freed
 
 
 def test_over_optimisation_detection():
@@ -140,7 +185,8 @@ def test_bench_speed_writes_each_result_when_done(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["bench"], "expected which benchmark"),
     (["bench", "align", "--best_of_n", "6"], "best_of_n must be a power of two, got 6"),
-    (["bench", "align", "--rollout_batch", "30", "--rloo_k", "4"], "rollout_batch (30) must be divisible by rloo_k"),
+    (["bench", "align", "--rollout_batch", "30", "--group_size", "4"], "group_size must be at least 2 and divide rollout_batch (30)"),
+    (["bench", "align", "--methods", "ppo", "sac"], "methods: expected some of ppo, grpo, rloo, reinforce_pp, dpo, best_of_n, trl_rloo, got ppo sac"),
     (["bench", "speed", "--trainers", "ours", "foo"], "trainers: unknown ['foo']"),
     (["bench", "speed", "--model", "nonexistent-shape"], "model: 'nonexistent-shape' is not `tiny`"),
 ])
