@@ -96,6 +96,11 @@ class BenchAlignConfig:
     """Responses per prompt of the group methods (grpo, rloo, trl_rloo): their baseline's group."""
     learning_rate: float = 1e-3
     """LoRA learning rate of the online methods."""
+    ppo_epochs: int = 4
+    """Passes of our trainer over each rollout batch (every estimator; TRL RLOO makes one)."""
+    num_mini_batches: int = 2
+    """Optimizer steps per pass of our trainer (TRL RLOO: one step per batch). With ppo_epochs 1 and
+    num_mini_batches 1 ours take as many optimizer steps as TRL RLOO."""
     kl_coef: float = 0.05
     """KL penalty coefficient of the online methods (TRL RLOO's beta). Small values let over-optimisation show."""
     dpo_steps: int = 120
@@ -136,6 +141,9 @@ def check(cfg: BenchAlignConfig) -> None:
     if any(m in GROUP for m in cfg.methods) and (cfg.group_size < 2 or cfg.rollout_batch % cfg.group_size):
         raise UserError(f"group_size must be at least 2 and divide rollout_batch ({cfg.rollout_batch}), "
                         f"got {cfg.group_size}")
+    if cfg.rollout_batch % cfg.num_mini_batches:
+        raise UserError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by num_mini_batches "
+                        f"({cfg.num_mini_batches})")
     if cfg.eval_every < 1 or cfg.ppo_steps < 1:
         raise UserError("ppo_steps and eval_every must be at least 1")
     if not 0 < cfg.rm_test_fraction < 0.8:
@@ -355,7 +363,8 @@ def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluato
         model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method="lora", r=16, lora_alpha=32, lora_dropout=0.0),
         data=ppo.PromptDataConfig(train=str(prompts_file)),
         ppo=ppo.PPOHyperparameters(steps=cfg.ppo_steps, per_device_rollout_batch_size=cfg.rollout_batch,
-                                   num_mini_batches=2, ppo_epochs=4, learning_rate=cfg.learning_rate,
+                                   num_mini_batches=cfg.num_mini_batches, ppo_epochs=cfg.ppo_epochs,
+                                   learning_rate=cfg.learning_rate,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
                                    reward_normalization="model",
                                    missing_eos_penalty=None,  # the setting the README's figures were measured with
@@ -584,7 +593,7 @@ def markdown(cfg: BenchAlignConfig, s: dict, results: list[dict], plots: list[st
               f"({cfg.ppo_steps} iterations of {cfg.rollout_batch}: PPO and REINFORCE++ one per prompt, GRPO, RLOO "
               f"and TRL RLOO {cfg.rollout_batch // k} prompts × {k}), LoRA r=16 on the same SFT model, learning rate "
               f"{cfg.learning_rate}, KL coefficient {cfg.kl_coef}, reward = the reward model's normalised score; ours "
-              f"run 4 epochs × 2 mini-batches per iteration, TRL RLOO one optimizer step. DPO: {cfg.dpo_steps} steps of "
+              f"run {cfg.ppo_epochs} epoch(s) × {cfg.num_mini_batches} mini-batch(es) per iteration, TRL RLOO one optimizer step. DPO: {cfg.dpo_steps} steps of "
               f"{cfg.rollout_batch} of the reward model's training pairs, LoRA r=16, β = {cfg.dpo_beta}, learning rate "
               f"{cfg.dpo_learning_rate}. Wall time includes each method's evaluations; "
               + ("peak memory is the CUDA allocator's peak during the method." if torch.cuda.is_available() else
@@ -611,7 +620,8 @@ def plot(cfg: BenchAlignConfig, results: list[dict], out: Path) -> list[str]:
             points = r["methods"][m]["curve"] if m == "best_of_n" else [{"kl": 0.0, "gold": sft[1]}] + r["methods"][m]["evals"]
             ax.plot([p["kl"] for p in points], [p["gold"] for p in points], markers.get(m, "o-"), color=colours[m],
                     alpha=0.8, label=LABELS[m] if i == 0 else None)  # one legend entry per method, not per seed
-    ax.set_xlabel("KL(policy ‖ SFT), nats")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear up to 1 nat, then logarithmic: a runaway stays on the plot
+    ax.set_xlabel("KL(policy ‖ SFT), nats (linear to 1, log above)")
     ax.set_ylabel("gold reward")
     ax.set_title("Gold reward against KL (one line per seed)")
     ax.legend(fontsize=8)

@@ -29,9 +29,9 @@ commands:
   eval policy      a policy against a reference, judged by a reward    rlhf eval policy --help
   generate         sample a model on prompts, write JSONL (+ reward)   rlhf generate --help
   data check       read preference data: counts, skips, examples       rlhf data check --help
-  ppo              PPO against a reward model, classifier or function  rlhf ppo --help
+  ppo              PPO (or GRPO, RLOO, REINFORCE++) against a reward   rlhf ppo --help
   pipeline         SFT -> reward model -> PPO in one command           rlhf pipeline --help
-  bench align      gold-reward benchmark: PPO vs best-of-n vs RLOO     rlhf bench align --help
+  bench align      gold-reward benchmark: PPO, GRPO, RLOO, DPO, ...    rlhf bench align --help
   bench speed      PPO throughput and time split next to TRL           rlhf bench speed --help
   merge            merge a LoRA adapter into a full model              rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup              rlhf estimate-memory --help
