@@ -345,13 +345,11 @@ class PeakMemory:
 
 
 def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluator: Evaluator, out: Path,
-               seed: int) -> list[dict]:
-    """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts,
-    responses per iteration, LoRA, learning rate, epochs and KL coefficient for each."""
+               seed: int, prompts_file: Path) -> list[dict]:
+    """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts
+    (`prompts_file`), responses per iteration, LoRA, learning rate, epochs and KL coefficient for each."""
     from rlhf import ppo
 
-    prompts_file = out / "data" / "ppo_prompts.jsonl"
-    synthetic.write_jsonl([{"prompt": p} for p in _train_prompts(cfg, seed)], prompts_file)
     evals = []
 
     def on_step(step, ac, tokenizer):
@@ -378,11 +376,10 @@ def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluato
     return evals
 
 
-def run_dpo(cfg: BenchAlignConfig, sft_dir: str, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
+def run_dpo(cfg: BenchAlignConfig, sft_dir: str, tok, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
     """DPO (LoRA, the SFT model as reference) on the pairs the reward model learnt from, no reward model
     involved; its checkpoints along the way are evaluated like the online methods' iterations."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from rlhf import dpo
     from rlhf.config import DPOConfig, DPOOptions, DPOTrainConfig, PreferenceDataConfig
@@ -398,7 +395,6 @@ def run_dpo(cfg: BenchAlignConfig, sft_dir: str, evaluator: Evaluator, out: Path
                              max_length=128, lr_scheduler_type="cosine", logging_steps=every, eval_steps=every,
                              save_total_limit=cfg.dpo_steps),
         dpo=DPOOptions(beta=cfg.dpo_beta), output_dir=str(out / "dpo"), seed=seed))
-    tok = AutoTokenizer.from_pretrained(sft_dir)
     evals = []
     for ckpt in sorted((out / "dpo").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
         policy = PeftModel.from_pretrained(load_lm(sft_dir), str(ckpt)).merge_and_unload().eval()
@@ -406,11 +402,12 @@ def run_dpo(cfg: BenchAlignConfig, sft_dir: str, evaluator: Evaluator, out: Path
     return evals
 
 
-def run_trl_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int) -> list[dict]:
+def run_trl_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int,
+                 prompts: list) -> list[dict]:
     from rlhf import trl_rloo
 
     result = trl_rloo.run_rloo(
-        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), _train_prompts(cfg, seed),
+        sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), prompts,
         str(out / "trl_rloo"),
         trl_rloo.RLOOSettings(steps=cfg.ppo_steps, prompts_per_step=cfg.rollout_batch // cfg.group_size,
                               num_generations=cfg.group_size, learning_rate=cfg.learning_rate, beta=cfg.kl_coef,
@@ -441,6 +438,9 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
     eval_prompts = _prompts(cfg, cfg.eval_prompts, 70_000 + seed)
     evaluator = Evaluator(cfg, sft, eval_prompts, proxy, seed)
     result["sft"] = evaluator(sft, tok)
+    train_prompts = _train_prompts(cfg, seed)  # every online method trains on these
+    prompts_file = out / "data" / "ppo_prompts.jsonl"
+    synthetic.write_jsonl([{"prompt": p} for p in train_prompts], prompts_file)
     for method in cfg.methods:
         print(f"\n--- bench align: seed {seed}, {method} ---")
         t = time.perf_counter()
@@ -448,11 +448,11 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
             if method == "best_of_n":
                 record = {"curve": best_of_n_curve(cfg, sft, tok, eval_prompts, proxy, seed)}
             elif method == "dpo":
-                record = {"evals": run_dpo(cfg, sft_dir, evaluator, out, seed)}
+                record = {"evals": run_dpo(cfg, sft_dir, tok, evaluator, out, seed)}
             elif method == "trl_rloo":
-                record = {"evals": run_trl_rloo(cfg, sft_dir, proxy, evaluator, out, seed)}
+                record = {"evals": run_trl_rloo(cfg, sft_dir, proxy, evaluator, out, seed, train_prompts)}
             else:
-                record = {"evals": run_online(cfg, method, sft_dir, proxy, evaluator, out, seed)}
+                record = {"evals": run_online(cfg, method, sft_dir, proxy, evaluator, out, seed, prompts_file)}
         record.update(time_s=time.perf_counter() - t, peak_memory_gb=memory.peak_gb)
         if "evals" in record:
             record["over_optimisation"] = over_optimisation([{"step": 0, **result["sft"]}] + record["evals"])

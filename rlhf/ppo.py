@@ -250,6 +250,11 @@ class BatchSizes:
     optimizer_steps: int  # over the whole run
 
 
+def uses_critic(p: PPOHyperparameters) -> bool:
+    """Only GAE needs a critic; the other estimators build none."""
+    return p.advantage_estimator == "gae"
+
+
 def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
     b = p.per_device_rollout_batch_size
     if p.samples_per_prompt < 1 or b % p.samples_per_prompt:
@@ -289,7 +294,7 @@ def check(cfg: PPOConfig) -> None:
     if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:
         raise UserError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to the same prompt: "
                         f"set ppo.samples_per_prompt to at least 2 (got {p.samples_per_prompt})")
-    if p.advantage_estimator != "gae" and p.critic_init == "reward":
+    if not uses_critic(p) and p.critic_init == "reward":
         raise UserError(f"ppo.critic_init=reward: ppo.advantage_estimator={p.advantage_estimator} builds no critic; "
                         "use advantage_estimator=gae or critic_init=auto")
     if p.kl_penalty == "loss" and p.kl_estimator == "k1":
@@ -434,13 +439,12 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
     torch.manual_seed(cfg.seed)  # same value head / adapter init on every process
     rm_info = _critic_source(cfg, path, is_main, reward_given)
     from_reward = rm_info is not None
-    with_critic = cfg.ppo.advantage_estimator == "gae"  # the others build no critic at all
     if cfg.peft.method == "full":
         # DeepSpeed's bf16 optimizer keeps its own float32 master copy: the weights may stay in bf16 there
         master = accelerator is None or accelerator.state.deepspeed_plugin is None
         policy = models.load_causal_lm(path, cfg.model, "full", master_weights=master)
         reference = models.load_causal_lm(path, cfg.model, "full")
-        critic = None if not with_critic else (
+        critic = None if not uses_critic(cfg.ppo) else (
             _load_reward_body(cfg.reward.spec, policy.dtype) if from_reward
             else models.load_causal_lm(path, cfg.model, "full", master_weights=master))
         ac = actor_critic.build_full(policy, critic, reference)
@@ -448,7 +452,7 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
         base = models.load_causal_lm(path, cfg.model, cfg.peft.method)
         critic_lora = _reward_lora_config(cfg.reward.spec) if from_reward else None
         ac = actor_critic.build_shared_lora(base, models.peft_config(cfg.peft, "CAUSAL_LM"), critic_lora,
-                                            critic=with_critic)
+                                            critic=uses_critic(cfg.ppo))
     if from_reward:
         _init_critic_from_reward(ac, cfg.reward.spec, rm_info)
     return tokenizer, ac, path
@@ -456,7 +460,7 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
 
 def _critic_source(cfg: PPOConfig, policy_path: str, is_main: bool, reward_given: bool) -> dict | None:
     """The reward model's info when the critic starts from it, else None (critic from the policy, or none)."""
-    if cfg.ppo.advantage_estimator != "gae" or cfg.ppo.critic_init == "policy" or (
+    if not uses_critic(cfg.ppo) or cfg.ppo.critic_init == "policy" or (
             cfg.ppo.critic_init == "auto" and reward_given):
         return None
     if cfg.ppo.critic_init == "reward":
@@ -667,35 +671,29 @@ def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_i
 
 @torch.no_grad()
 def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False,
-                    policy: bool = True):
+                    policy: bool = True, critic: bool = True):
     """Policy and reference logprobs and critic values (each (B, A); values None without a critic),
     `chunk` rows at a time, and with `entropy` the policy's entropy per token (B, A) (else None): measured
     here, once per rollout, rather than in every training forward, where it would cost a softmax over
     (B, A, V) per micro-batch. `policy=False`: the policy's logprobs came from generation; no policy pass
-    (logprobs and entropy None)."""
-    has_critic = _unwrapped(ac).has_critic
+    (logprobs and entropy None). `critic=False`: the model has none (values None)."""
     lp, ref_lp, vals, ent = [], [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
         keep = responses.shape[1] + 1
-        if policy or has_critic:
+        if policy or critic:
             logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
             if policy:
                 lp.append(response_logprobs(logits, responses[s], temperature))
             if entropy and policy:
                 ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
-            if has_critic:
+            if critic:
                 vals.append(values[:, prompt_len - 1:-1].float())
             del logits
         ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
         ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
     return ((torch.cat(lp) if policy else None), torch.cat(ref_lp), (torch.cat(vals) if vals else None),
             (torch.cat(ent) if ent else None))
-
-
-def _unwrapped(model):
-    """The ActorCritic inside a DDP / DeepSpeed wrapper (or itself)."""
-    return getattr(model, "module", model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1116,7 +1114,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         mask = torch.cat([query_mask, response_mask.long()], 1)
         logprobs, ref_logprobs, values, entropy = forward_rollout(
             model, ids, mask, position_ids(mask), responses, query_ids.shape[1], p.temperature, sizes.forward,
-            entropy=True, policy=not p.logprobs_from_generation)
+            entropy=True, policy=not p.logprobs_from_generation, critic=unwrapped.has_critic)
         if p.logprobs_from_generation:
             logprobs = sampled_logprobs
         engine_metrics = {}
