@@ -157,14 +157,13 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, reference: bool = False, logits_to_keep: int = 0,
                 values_only: bool = False):
         """(policy logits (B, T or logits_to_keep, V), values (B, T)) in one call: what a training step
-        needs; with `reference`, (reference logits, None); with `values_only`, (None, values).
+        needs; with `reference`, (reference logits, None); with `values_only`, (None, values). Without a
+        critic, values are None.
         Everything goes through forward so that a DeepSpeed engine wrapping this module sees (and,
         under ZeRO-3, gathers for) every call."""
         if reference:
             return self.reference_logits(input_ids, attention_mask, position_ids, logits_to_keep), None
-        if values_only:
-            if not self.has_critic:
-                raise ValueError("values_only: this ActorCritic has no critic")
+        if values_only:  # (None, None) without a critic: `values` is None there
             return None, self.values(input_ids, attention_mask, position_ids)
         return (self.policy_logits(input_ids, attention_mask, position_ids, logits_to_keep),
                 self.values(input_ids, attention_mask, position_ids))

@@ -671,25 +671,24 @@ def generate(model, query_ids, query_mask, p: PPOHyperparameters, stop_id, pad_i
 
 @torch.no_grad()
 def forward_rollout(ac, ids, mask, pos, responses, prompt_len, temperature, chunk, entropy: bool = False,
-                    policy: bool = True, critic: bool = True):
+                    policy: bool = True):
     """Policy and reference logprobs and critic values (each (B, A); values None without a critic),
     `chunk` rows at a time, and with `entropy` the policy's entropy per token (B, A) (else None): measured
     here, once per rollout, rather than in every training forward, where it would cost a softmax over
     (B, A, V) per micro-batch. `policy=False`: the policy's logprobs came from generation; no policy pass
-    (logprobs and entropy None). `critic=False`: the model has none (values None)."""
+    (logprobs and entropy None)."""
     lp, ref_lp, vals, ent = [], [], [], []
     for i in range(0, ids.shape[0], chunk):
         s = slice(i, i + chunk)
         keep = responses.shape[1] + 1
-        if policy or critic:
-            logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
-            if policy:
-                lp.append(response_logprobs(logits, responses[s], temperature))
-            if entropy and policy:
-                ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
-            if critic:
-                vals.append(values[:, prompt_len - 1:-1].float())
-            del logits
+        logits, values = ac(ids[s], mask[s], pos[s], logits_to_keep=keep, values_only=not policy)
+        if policy:
+            lp.append(response_logprobs(logits, responses[s], temperature))
+        if entropy and policy:
+            ent.append(core.entropy_from_logits(logits[:, :-1], temperature))
+        if values is not None:  # None: a critic-free model
+            vals.append(values[:, prompt_len - 1:-1].float())
+        del logits
         ref_logits, _ = ac(ids[s], mask[s], pos[s], reference=True, logits_to_keep=keep)
         ref_lp.append(response_logprobs(ref_logits, responses[s], temperature))
     return ((torch.cat(lp) if policy else None), torch.cat(ref_lp), (torch.cat(vals) if vals else None),
@@ -1114,7 +1113,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         mask = torch.cat([query_mask, response_mask.long()], 1)
         logprobs, ref_logprobs, values, entropy = forward_rollout(
             model, ids, mask, position_ids(mask), responses, query_ids.shape[1], p.temperature, sizes.forward,
-            entropy=True, policy=not p.logprobs_from_generation, critic=unwrapped.has_critic)
+            entropy=True, policy=not p.logprobs_from_generation)
         if p.logprobs_from_generation:
             logprobs = sampled_logprobs
         engine_metrics = {}

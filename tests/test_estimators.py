@@ -104,3 +104,16 @@ def test_kl_in_the_loss_holds_the_policy_near_the_reference(tmp_path, sft_policy
 def test_estimator_misconfigurations_are_refused(args, message):
     with pytest.raises(UserError, match=re.escape(message)):
         ppo.check(config.parse(ppo.PPOConfig, args, "t"))
+
+
+@pytest.mark.parametrize("args", [
+    ["--eval.prompts", "builtin:quickstart_eval_prompts", "--eval.reward.spec", "reward.examples:exact_answer",
+     "--eval.max_prompts", "16"],  # the held-out evaluation's own logprob pass (it crashed on a critic-free model)
+    ["--ppo.logprobs_from_generation", "true"],  # no policy pass in the rollout, and no critic either
+])
+def test_critic_free_runs_with_held_out_eval_and_logprobs_from_generation(tmp_path, sft_policy, args):  # noqa: F811
+    h = ppo.main(estimator_config(tmp_path, sft_policy, "grpo", "--ppo.steps", "2", *args), reward=DigitReward())
+    train = [m for m in h if "objective/scores" in m]
+    assert len(train) == 2 and all(m["objective/kl"] > -0.01 for m in train)
+    if "--eval.prompts" in args:
+        assert [m["step"] for m in h if "eval/reward" in m] == [0, 2] and 0 <= h[-1]["eval/reward"] <= 1
