@@ -1,7 +1,7 @@
 """The built-in tiny model: a random-init Llama and a byte-level BPE tokenizer shipped with the
 package, so every stage runs with no download.
 
-The tokenizer lives in `policies/assets/tiny_tokenizer/` (rebuilt by `python -m rlhf.assets_build`).
+The tokenizer lives in `policies/assets/tiny_tokenizer/` (rebuilt by `python -m rlhf.data.assets_build`).
 Its chat template marks assistant replies with `{% generation %}` so TRL's assistant-only loss
 works, and PAD, EOS and BOS are three distinct tokens.
 """

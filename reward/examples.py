@@ -10,7 +10,7 @@ import re
 
 
 def solve(question: str) -> str | None:
-    """The exact answer to one of the built-in synthetic tasks (`rlhf.synthetic`), None for others."""
+    """The exact answer to one of the built-in synthetic tasks (`rlhf.data.synthetic`), None for others."""
     if m := re.fullmatch(r"Reverse the word (\w+)\.", question):
         return m.group(1)[::-1]
     if m := re.fullmatch(r"Write (\w+) in capital letters\.", question):

@@ -41,31 +41,36 @@ commands:
 
 
 def _sft(argv: list[str]) -> None:
-    from rlhf import config, sft
+    from rlhf import config
+    from rlhf.stages import sft
 
     sft.main(config.parse(config.SFTConfig, argv, "rlhf sft"))
 
 
 def _ppo(argv: list[str]) -> None:
-    from rlhf import config, ppo
+    from rlhf import config
+    from rlhf.ppo import trainer as ppo
 
     ppo.main(config.parse(ppo.PPOConfig, argv, "rlhf ppo"))
 
 
 def _reward(argv: list[str]) -> None:
-    from rlhf import config, reward_stage
+    from rlhf import config
+    from rlhf.stages import reward_stage
 
     reward_stage.main(config.parse(config.RewardConfig, argv, "rlhf reward"))
 
 
 def _dpo(argv: list[str]) -> None:
-    from rlhf import config, dpo
+    from rlhf import config
+    from rlhf.stages import dpo
 
     dpo.main(config.parse(config.DPOConfig, argv, "rlhf dpo"))
 
 
 def _classifier(argv: list[str]) -> None:
-    from rlhf import classifier_stage, config
+    from rlhf import config
+    from rlhf.stages import classifier_stage
 
     classifier_stage.main(config.parse(config.ClassifierConfig, argv, "rlhf classifier"))
 
@@ -77,17 +82,18 @@ def _eval(argv: list[str]) -> None:
         raise UserError("expected what to evaluate: `rlhf eval reward --model DIR --data SOURCE` or "
                         "`rlhf eval policy --policy DIR --reference DIR --reward.spec SPEC` (add --help)")
     if argv[0] == "policy":
-        from rlhf import eval_policy
+        from rlhf.evaluation import eval_policy
 
         eval_policy.main(config.parse(eval_policy.EvalPolicyConfig, argv[1:], "rlhf eval policy"))
         return
-    from rlhf import eval_reward
+    from rlhf.evaluation import eval_reward
 
     eval_reward.main(config.parse(config.EvalRewardConfig, argv[1:], "rlhf eval reward"))
 
 
 def _generate(argv: list[str]) -> None:
-    from rlhf import config, generate
+    from rlhf import config
+    from rlhf.evaluation import generate
 
     generate.main(config.parse(generate.GenerateConfig, argv, "rlhf generate"))
 
@@ -99,35 +105,36 @@ def _bench(argv: list[str]) -> None:
         raise UserError("expected which benchmark: `rlhf bench align` (gold-reward alignment) or "
                         "`rlhf bench speed` (PPO throughput next to TRL) (add --help)")
     if argv[0] == "align":
-        from rlhf import bench_align
+        from rlhf.bench import align as bench_align
 
         bench_align.main(config.parse(bench_align.BenchAlignConfig, argv[1:], "rlhf bench align"))
         return
-    from rlhf import bench_speed
+    from rlhf.bench import speed as bench_speed
 
     bench_speed.main(config.parse(bench_speed.BenchSpeedConfig, argv[1:], "rlhf bench speed"))
 
 
 def _data(argv: list[str]) -> None:
-    from rlhf import data_check
+    from rlhf.data import data_check
 
     data_check.cli(argv)
 
 
 def _pipeline(argv: list[str]) -> None:
-    from rlhf import config, pipeline
+    from rlhf import config
+    from rlhf.stages import pipeline
 
     pipeline.main(config.parse(pipeline.PipelineConfig, argv, "rlhf pipeline"))
 
 
 def _merge(argv: list[str]) -> None:
-    from rlhf import merge
+    from rlhf.stages import merge
 
     merge.cli(argv)
 
 
 def _estimate_memory(argv: list[str]) -> None:
-    from rlhf import memory
+    from rlhf.runtime import memory
 
     memory.cli(argv)
 
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if command not in ("merge", "estimate-memory", "data"):
-            from rlhf import launch
+            from rlhf.runtime import launch
 
             code = launch.relaunch(command, rest)
             if code is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import difflib
+import io
 import os
 import sys
 import types
@@ -181,7 +181,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     if not os.path.isfile(path):
         raise UserError(f"--config '{path}' does not exist")
-    from rlhf.sources import read_text
+    from rlhf.data.sources import read_text
 
     text = read_text(path)
     try:

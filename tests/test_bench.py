@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from rlhf import bench_align, bench_math, bench_speed, cli, config
+from rlhf import cli, config
+from rlhf.bench import align as bench_align
+from rlhf.bench import align_math as bench_math
+from rlhf.bench import speed as bench_speed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf import bench_math as bm
+from rlhf.bench import align_math as bm
 
 
 def test_bayes_accuracy_matches_monte_carlo():
@@ -76,7 +76,7 @@ def test_best_of_n_with_the_gold_as_proxy_never_hurts():
 def test_synthetic_answer_and_gold_score():
     import random
 
-    from rlhf import synthetic
+    from rlhf.data import synthetic
 
     rng = random.Random(0)
     for _ in range(500):

@@ -1,4 +1,4 @@
-"""Classifier fine-tuning (rlhf/classifier_stage.py): data and labels, which parameters move,
+"""Classifier fine-tuning (rlhf/stages/classifier_stage.py): data and labels, which parameters move,
 Jigsaw against a majority baseline, and the trained classifier as a reward."""
 
 import json
@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, real_file
+
 from reward import load_reward
 from reward import metrics as m
-from rlhf import classifier_stage, config
+from rlhf import config
 from rlhf.config import ClassifierDataConfig
 from rlhf.errors import UserError
+from rlhf.stages import classifier_stage
 
 JIGSAW = "jigsaw_toxic_comment_train_balanced_subsample2000.csv"
 JIGSAW_LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]

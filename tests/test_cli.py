@@ -7,9 +7,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, sft_config
-from rlhf import cli, sft
+
+from rlhf import cli
+from rlhf.stages import sft
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 

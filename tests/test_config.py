@@ -103,8 +103,9 @@ def test_save_round_trips(tmp_path):
 
 def test_every_shipped_config_parses():
     from conftest import REPO
-    from rlhf import ppo
-    from rlhf.pipeline import PipelineConfig
+
+    from rlhf.ppo import trainer as ppo
+    from rlhf.stages.pipeline import PipelineConfig
 
     classes = {"sft_": SFTConfig, "ppo_": ppo.PPOConfig, "quickstart": PipelineConfig,
                "reward_": config.RewardConfig}

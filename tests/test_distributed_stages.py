@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
-from rlhf import launch
+
+from rlhf.runtime import launch
 
 pytest.importorskip("deepspeed")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
@@ -184,5 +184,5 @@ def test_mislaunch_is_refused(tmp_path, monkeypatch, stage, config_cls, file):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no gloo group to create: nobody to join
     monkeypatch.setattr(accelerate, "PartialState", OneProcess)
     with pytest.raises(UserError, match=r"WORLD_SIZE=2 but accelerate sees 1 process\(es\).*--multi_gpu"):
-        importlib.import_module(f"rlhf.{stage}").build(cfg)
+        importlib.import_module(f"rlhf.stages.{stage}").build(cfg)
     assert not (tmp_path / "out").exists()

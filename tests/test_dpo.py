@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
-from rlhf import cli, config, dpo
+
+from rlhf import cli, config
 from rlhf.errors import UserError
+from rlhf.stages import dpo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preference"
 DPO_YAML = str(REPO / "configs" / "dpo_tiny.yaml")
@@ -158,8 +159,8 @@ def test_validation_reward_accuracy_rises_and_layout(lora_run):
 def test_output_reloads_as_a_policy(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf import generate
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation import generate
+    from rlhf.evaluation.eval_policy import load_lm
 
     out, _ = lora_run
     x = torch.tensor([[3, 40, 41, 42, 43, 44, 45]])
@@ -181,7 +182,7 @@ def test_output_reloads_as_a_policy(lora_run, tmp_path):
                                        ("ultrafeedback_binarized_sample.jsonl", "ultrafeedback_binarized"),
                                        ("pku_saferlhf_sample.jsonl", "pku_saferlhf")])
 def test_preference_formats_feed_dpo_unchanged(tmp_path, name, fmt):
-    from rlhf.preference_data import load_pairs
+    from rlhf.data.preference_data import load_pairs
 
     source = str(FIXTURES / name)
     pairs, _ = load_pairs(source)  # what `rlhf data check` reads (format detected)
@@ -340,7 +341,7 @@ def test_starts_from_an_sft_lora_adapter_merged_first(tmp_path):
 
     from policies import models
     from policies.config import ModelConfig
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation.eval_policy import load_lm
 
     base = models.materialize(ModelConfig(), tmp_path / "sft" / "base_model", seed=1)
     lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], init_lora_weights=False)
@@ -363,8 +364,8 @@ def test_starts_from_an_sft_lora_adapter_merged_first(tmp_path):
 
 
 def test_pipeline_sft_then_dpo(tmp_path):
-    from rlhf import pipeline
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation.eval_policy import load_lm
+    from rlhf.stages import pipeline
 
     out = tmp_path / "p"
     cfg = config.parse(pipeline.PipelineConfig, [
@@ -389,7 +390,7 @@ def test_pipeline_sft_then_dpo(tmp_path):
 
 
 def test_pipeline_refuses_dpo_with_ppo(tmp_path):
-    from rlhf import pipeline
+    from rlhf.stages import pipeline
 
     cfg = config.parse(pipeline.PipelineConfig, ["--output_dir", str(tmp_path / "p"), "--stages", "sft", "dpo",
                                                  "ppo"], "rlhf pipeline")
@@ -402,7 +403,8 @@ def test_pipeline_refuses_dpo_with_ppo(tmp_path):
 def test_quickstart_dpo_raises_exact_answers_on_held_out_prompts(tmp_path):
     """The true objective, not only the implicit reward: the DPO policy answers more held-out prompts exactly
     than the SFT policy it started from (measured 0.688 -> 0.930, greedy)."""
-    from rlhf import eval_policy, pipeline
+    from rlhf.evaluation import eval_policy
+    from rlhf.stages import pipeline
 
     out = tmp_path / "q"
     report = pipeline.main(config.parse(pipeline.PipelineConfig, [

@@ -7,12 +7,13 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from rewards import DigitReward
-from rlhf import config, ppo
-from rlhf.errors import UserError
+from safetensors.torch import load_file
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+from rlhf import config
+from rlhf.errors import UserError
+from rlhf.ppo import trainer as ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CRITIC_FREE = ["rloo", "grpo", "reinforce_pp"]

@@ -1,4 +1,4 @@
-"""The critic-free estimators of rlhf/ppo_core.py (RLOO, GRPO, REINFORCE++) against Python-loop
+"""The critic-free estimators of rlhf/ppo/core.py (RLOO, GRPO, REINFORCE++) against Python-loop
 references written here, on hand-built groups: ties, single-sample groups refused, masking."""
 
 import statistics
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo_core import gae, grpo_advantages, returns_to_go, rloo_advantages
+from rlhf.ppo.core import gae, grpo_advantages, returns_to_go, rloo_advantages
 
 F64 = torch.float64
 

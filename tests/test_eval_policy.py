@@ -4,11 +4,13 @@ truncation rate, and a PPO-trained policy winning."""
 import json
 
 import pytest
-
 from conftest import REPO
 from rewards import DigitReward
-from rlhf import cli, config, eval_policy, ppo
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+from rlhf import cli, config
+from rlhf.evaluation import eval_policy
+from rlhf.ppo import trainer as ppo
 
 
 class RecordingReward(DigitReward):

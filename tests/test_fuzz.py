@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 
 from policies.models import ModelLoadError
 from reward.errors import RewardError
-from rlhf import config, ppo, preference_data, reward_stage, sft
+from rlhf import config
 from rlhf.config import DataConfig
+from rlhf.data import preference_data
+from rlhf.data.sft_data import load_sft_data
 from rlhf.errors import UserError
-from rlhf.sft_data import load_sft_data
+from rlhf.ppo import trainer as ppo
+from rlhf.stages import reward_stage, sft
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 ALLOWED = (UserError, ModelLoadError, RewardError)

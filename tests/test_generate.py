@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 from rewards import response_chars
-from rlhf import cli
-from rlhf.ppo import PromptDataConfig, load_prompts
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
+
+from rlhf import cli
+from rlhf.ppo.trainer import PromptDataConfig, load_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

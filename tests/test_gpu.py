@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, sft_config
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
 
@@ -46,7 +45,7 @@ def assert_bf16_and_learns(trainer):
 
 
 def test_sft_bf16(tmp_path):
-    from rlhf import sft
+    from rlhf.stages import sft
 
     trainer, _ = sft.build(sft_config(tmp_path, "--peft.method", "full", "--train.learning_rate", "3e-3",
                                       "--train.max_steps", "8"))
@@ -54,8 +53,9 @@ def test_sft_bf16(tmp_path):
 
 
 def test_reward_bf16(tmp_path):
-    from rlhf import reward_stage
     from test_reward_train import easy_pairs, reward_config
+
+    from rlhf.stages import reward_stage
 
     data = easy_pairs(tmp_path / "pairs.jsonl")
     trainer, _ = reward_stage.build(reward_config(tmp_path, "--data.train", str(data), "--peft.method", "full",
@@ -65,8 +65,9 @@ def test_reward_bf16(tmp_path):
 
 
 def test_classifier_bf16(tmp_path):
-    from rlhf import classifier_stage
     from test_classifier import classifier_config, sentiment_rows, write_jsonl
+
+    from rlhf.stages import classifier_stage
 
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(120))
     cfg = classifier_config(tmp_path, "--data.train", str(data), "--data.text_column", "text",
@@ -78,9 +79,11 @@ def test_classifier_bf16(tmp_path):
 
 
 def test_ppo_bf16(tmp_path, sft_policy, monkeypatch):  # noqa: F811
-    from rlhf import distributed, ppo
     from rewards import DigitReward
     from test_ppo import ppo_config
+
+    from rlhf.ppo import trainer as ppo
+    from rlhf.runtime import distributed
 
     seen = {}
     make = distributed.make_accelerator
@@ -102,11 +105,11 @@ def test_ppo_bf16(tmp_path, sft_policy, monkeypatch):  # noqa: F811
 def test_ppo_full_bf16_steps_float32_master_weights(tmp_path, sft_policy):  # noqa: F811
     """Full fine-tuning in bf16 on the GPU (dtype auto): every trained weight moves at lr 1e-5, sampling
     and scoring agree (no negative KL), the exported policy holds the float32 masters."""
-    from safetensors.torch import load_file
-
     from rewards import DigitReward
-    from rlhf import ppo
+    from safetensors.torch import load_file
     from test_ppo import ppo_config
+
+    from rlhf.ppo import trainer as ppo
 
     before = load_file(f"{sft_policy}/model.safetensors")
     h = ppo.main(ppo_config(tmp_path, sft_policy, "--peft.method", "full", "--ppo.learning_rate", "1e-5",

@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
-
 from rewards import DigitReward
-from rlhf import ppo
-from rlhf.errors import UserError
-from rlhf.heldout import reward_hacking
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+from rlhf.errors import UserError
+from rlhf.evaluation.heldout import reward_hacking
+from rlhf.ppo import trainer as ppo
 
 
 def test_reward_hacking_rule():
@@ -28,7 +28,7 @@ def test_reward_hacking_rule():
 
 
 def test_agreement_is_the_auc_for_a_binary_judge():
-    from rlhf.heldout import agreement
+    from rlhf.evaluation.heldout import agreement
 
     assert agreement([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
     assert agreement([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
@@ -147,6 +147,7 @@ def test_low_eos_rate_warns_from_the_first_step(tmp_path, sft_policy):  # noqa: 
 def test_ppo_tiny_function_reward_tip_works_as_written(tmp_path, sft_policy):  # noqa: F811
     """configs/ppo_tiny.yaml's comment shows how to swap in a Python function; run exactly that line."""
     from conftest import REPO
+
     from rlhf import config
 
     tip = next(line for line in (REPO / "configs" / "ppo_tiny.yaml").read_text().splitlines()

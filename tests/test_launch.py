@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from rlhf import launch
-from rlhf.errors import UserError
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
+
+from rlhf.errors import UserError
+from rlhf.runtime import launch
 
 
 @pytest.mark.parametrize("preset", launch.PRESETS)

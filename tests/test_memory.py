@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from rlhf import memory
 from rlhf.errors import UserError
-from rlhf.memory import GB, ParamCounts
+from rlhf.runtime import memory
+from rlhf.runtime.memory import GB, ParamCounts
 
 # A 7e9-parameter model, all of it in block linear layers (round numbers to compute by hand).
 P7 = ParamCounts(total=7_000_000_000, linear=7_000_000_000, embeddings=0, lora_in_out=10_000_000)

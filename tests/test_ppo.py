@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, real_file
 from rewards import DigitReward, NaNReward
-from rlhf import config, ppo
+from safetensors.torch import load_file
+
+from rlhf import config
 from rlhf.errors import UserError
+from rlhf.ppo import trainer as ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory):
     """A tiny policy that has learnt the synthetic tasks: the SFT quickstart (full SFT, ~15 s)."""
-    from rlhf import sft
+    from rlhf.stages import sft
 
     out = tmp_path_factory.mktemp("sft") / "policy"
     sft.main(config.parse(config.SFTConfig, ["--config", str(REPO / "configs" / "sft_tiny.yaml"),
@@ -255,7 +256,7 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
     from accelerate import PartialState
 
     from reward.interface import load_reward
-    from rlhf import reward_stage
+    from rlhf.stages import reward_stage
 
     rm_dir = tmp_path / "rm"
     reward_stage.main(config.parse(config.RewardConfig, [

@@ -1,4 +1,4 @@
-"""Tests for rlhf/ppo_core.py: each function against a slow Python-loop reference written here.
+"""Tests for rlhf/ppo/core.py: each function against a slow Python-loop reference written here.
 
 The references are deliberately naive (element by element, plain floats) so they are easy to
 check by eye; the hand-built tensors cover the edge cases that matter for RLHF (no stop token,
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf import ppo_core
-from rlhf.ppo_core import (
+from rlhf.ppo import core as ppo_core
+from rlhf.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

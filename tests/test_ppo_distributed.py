@@ -6,12 +6,12 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import REPO
-from rlhf.checkpoints import refuse_unsafe_pickles
-from rlhf.distributed import check_world_size
-from rlhf.errors import UserError
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
+
+from rlhf.errors import UserError
+from rlhf.runtime.checkpoints import refuse_unsafe_pickles
+from rlhf.runtime.distributed import check_world_size
 
 pytest.importorskip("deepspeed")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",

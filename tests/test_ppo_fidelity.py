@@ -10,13 +10,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from rewards import DigitReward
-from rlhf import ppo
-from rlhf import ppo_core as core
-from rlhf.distributed import set_cpu_threads
+from safetensors.torch import load_file
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+from rlhf.ppo import core
+from rlhf.ppo import trainer as ppo
+from rlhf.runtime.distributed import set_cpu_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
 from rewards import DigitReward
-from rlhf import config, ppo
+from safetensors.torch import load_file
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
+
+from rlhf import config
+from rlhf.ppo import trainer as ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 VOLATILE = ("time/", "tokens_per_second", "memory/")

@@ -1,4 +1,4 @@
-"""Canonical preference pairs and the dataset adapters (rlhf/preference_data.py).
+"""Canonical preference pairs and the dataset adapters (rlhf/data/preference_data.py).
 
 Real samples come from ../shared/data/real/ (skipped when absent); hand-written fixtures in
 tests/fixtures/preference/ follow each dataset's published schema, with expected pairs written out.
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.errors import UserError
-from rlhf.preference_data import (
+from rlhf.data.preference_data import (
     FORMATS,
     SKIP_REASONS,
     check_report,
@@ -25,6 +24,7 @@ from rlhf.preference_data import (
     parse_helpsteer2_prompt,
     parse_hh_dialogue,
 )
+from rlhf.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preference"
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"

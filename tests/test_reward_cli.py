@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, real_file
+
 from rlhf import cli
-from rlhf.preference_data import load_pairs
+from rlhf.data.preference_data import load_pairs
 
 FIXTURES = REPO / "tests" / "fixtures" / "preference"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, real_file
-from rlhf import config, reward_stage
-from rlhf.errors import UserError
-from rlhf.synthetic import WORDS
 
 from reward import load_reward
+from rlhf import config
+from rlhf.data.synthetic import WORDS
+from rlhf.errors import UserError
+from rlhf.stages import reward_stage
 
 
 def easy_pairs(path: Path, n: int = 240, seed: int = 0) -> Path:

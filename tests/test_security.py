@@ -8,12 +8,14 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import sft_config
 from rewards import DigitReward
-from rlhf import checkpoints, ppo, sft
-from rlhf.errors import UserError
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
+
+from rlhf.errors import UserError
+from rlhf.ppo import trainer as ppo
+from rlhf.runtime import checkpoints
+from rlhf.stages import sft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -80,12 +82,11 @@ def test_trainer_checkpoints_pass_and_crafted_ones_are_refused(tmp_path):
 def pickle_only_models(tmp_path_factory):
     """The tiny Llama (causal LM), a reward model on it and a LoRA adapter, each saved as .bin pickles only."""
     import peft
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     from policies import tiny
     from policies.config import TinyModelConfig
-
-    from safetensors.torch import load_file
 
     def as_pickle(directory, name):  # transformers 5 writes safetensors only: convert, as an old checkpoint
         for f in directory.glob("*.safetensors"):
@@ -122,7 +123,7 @@ def test_pickle_weights_are_refused_unless_allowed(pickle_only_models, tmp_path)
     from policies.config import ModelConfig
     from policies.models import ModelLoadError, load_causal_lm
     from reward.interface import load_reward
-    from rlhf.merge import merge
+    from rlhf.stages.merge import merge
 
     root = pickle_only_models
     lm = str(root / "lm")
@@ -159,7 +160,7 @@ def test_adapter_loads_check_the_adapter_and_its_base(pickle_only_models, tmp_pa
     from policies.config import ModelConfig
     from policies.models import ModelLoadError
     from reward.models import merged_base
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation.eval_policy import load_lm
 
     root = pickle_only_models
     on_pickle_base = str(root / "adapter_on_pickle_base")

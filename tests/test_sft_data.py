@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
 from conftest import real_file
+
 from rlhf.config import DataConfig
+from rlhf.data.sft_data import load_sft_data, load_sft_split
 from rlhf.errors import UserError
-from rlhf.sft_data import load_sft_data, load_sft_split
 
 
 def jsonl(tmp_path, rows, name="d.jsonl"):

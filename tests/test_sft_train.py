@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import real_file, sft_config
-from rlhf import sft
+
+from rlhf.stages import sft
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

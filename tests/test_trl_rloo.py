@@ -10,8 +10,8 @@ from rewards import digit_fraction
 
 from policies.config import ModelConfig
 from policies.models import materialize
-from rlhf.ppo import encode_prompts
-from rlhf.trl_rloo import RLOOSettings, run_rloo
+from rlhf.bench.trl_rloo import RLOOSettings, run_rloo
+from rlhf.ppo.trainer import encode_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

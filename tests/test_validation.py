@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from rlhf import cli, config, ppo
+
+from rlhf import cli, config
 from rlhf.config import EvalRewardConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
+from rlhf.ppo import trainer as ppo
 from rlhf.validate import validate
 
 SFT_YAML = str(REPO / "configs" / "sft_tiny.yaml")
@@ -53,7 +54,7 @@ def test_other_stages_field_domains():
 
 
 def test_invalid_utf8_in_yaml_and_data(tmp_path):
-    from rlhf.sources import load_rows
+    from rlhf.data.sources import load_rows
 
     (tmp_path / "c.yaml").write_bytes(b"train:\n  learning_rate: 1e-4\n  # caf\xe9\n")
     with pytest.raises(UserError, match=r"c.yaml:3: not valid UTF-8"):
@@ -79,7 +80,7 @@ def test_output_paths_that_cannot_be_outputs(tmp_path):
     p = run_cli("sft", "--config", SFT_YAML, "--output_dir", str(tmp_path / "a_file"))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"rlhf sft: error: output_dir '{tmp_path / 'a_file'}' is an existing file; expected a directory (new or existing)"]
-    from rlhf.outputs import check_output_file
+    from rlhf.runtime.outputs import check_output_file
 
     with pytest.raises(UserError, match="--output .* is a directory"):
         check_output_file(tmp_path, "--output")
@@ -139,7 +140,8 @@ def _numeric_fields(cls, prefix=""):
 
 
 def test_every_numeric_field_of_every_command_has_a_domain():
-    from rlhf import eval_policy, generate, pipeline
+    from rlhf.evaluation import eval_policy, generate
+    from rlhf.stages import pipeline
     from rlhf.validate import DOMAINS
 
     commands = [pipeline.PipelineConfig, config.ClassifierConfig, EvalRewardConfig, eval_policy.EvalPolicyConfig,
@@ -254,7 +256,7 @@ def test_missing_local_paths_name_the_command_that_writes_them(tmp_path, monkeyp
     from policies.models import ModelLoadError, looks_local
     from reward.errors import RewardError
     from reward.interface import load_reward
-    from rlhf import generate
+    from rlhf.evaluation import generate
 
     assert looks_local("runs/sft_tiny") and looks_local("./m") and looks_local("a/b/c") and not looks_local("Qwen/Qwen2.5-0.5B")
     monkeypatch.chdir(tmp_path)
@@ -280,7 +282,7 @@ def test_missing_local_paths_name_the_command_that_writes_them(tmp_path, monkeyp
 ])
 def test_pipeline_checks_later_stages_inputs_before_sft_trains(args, message, tmp_path):
     from reward.errors import RewardError
-    from rlhf import pipeline
+    from rlhf.stages import pipeline
 
     cfg = config.parse(pipeline.PipelineConfig, ["--config", str(REPO / "configs" / "quickstart.yaml"),
                                                  "--output_dir", str(tmp_path / "q"), *args], "t")
@@ -291,7 +293,8 @@ def test_pipeline_checks_later_stages_inputs_before_sft_trains(args, message, tm
 
 def test_sft_max_length_that_leaves_no_rows_is_refused(tmp_path):
     from conftest import sft_config
-    from rlhf import sft
+
+    from rlhf.stages import sft
 
     with pytest.raises(UserError, match=r"no training rows left after tokenizing: every row's completion lies beyond "
                                         r"train.max_length=1 tokens"):

@@ -1,6 +1,6 @@
 """The vLLM rollout engine (`ppo.rollout_engine: vllm`) on CPU: weights in sync after updates (LoRA as an
 adapter, full weights reloaded), a stale engine caught, the same sampling semantics and reward trend as the
-HF engine, and resume. Needs a vLLM environment (`python -m rlhf.vllm_env`, which the README's test
+HF engine, and resume. Needs a vLLM environment (`python -m rlhf.generation.vllm_env`, which the README's test
 command runs): without one these tests skip, saying so.
 
 The tiny model here is 128 wide with 4 heads: vLLM's CPU attention refuses the default tiny shape's
@@ -11,15 +11,17 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import REPO
 from rewards import DigitReward
-from rlhf import config, ppo, rollout_engine
-from rlhf.rollout_engine import EngineError, Sampling, VLLMConfig, VLLMEngine
+
+from rlhf import config
+from rlhf.generation import vllm_engine as rollout_engine
+from rlhf.generation.vllm_engine import EngineError, Sampling, VLLMConfig, VLLMEngine
+from rlhf.ppo import trainer as ppo
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(rollout_engine.available() is None,
-                                 reason="no vLLM environment (python -m rlhf.vllm_env creates .venv-vllm)")]
+                                 reason="no vLLM environment (python -m rlhf.generation.vllm_env creates .venv-vllm)")]
 TINY = ["--model.name_or_path", "tiny", "--model.tiny.hidden_size", "128", "--model.tiny.intermediate_size", "256"]
 
 
@@ -51,7 +53,7 @@ def test_lora_adapter_sync_after_updates_and_stale_engine_detected(tiny_dir, tmp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rlhf.rollout_engine import write_adapter
+    from rlhf.generation.vllm_engine import write_adapter
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
@@ -89,7 +91,7 @@ def hf_logprobs_grad(model, prompt, response):
 def test_full_weights_reloaded_in_place(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.rollout_engine import write_full_weights
+    from rlhf.generation.vllm_engine import write_full_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     prompt, response = [1, 40, 41, 42], [50, 60, 70, 80]
@@ -142,7 +144,7 @@ def _trend(history):
 @pytest.fixture(scope="module")
 def sft128(tmp_path_factory):
     """A tiny policy (width 128) that has learnt the synthetic tasks: 100 steps of the SFT quickstart (~16 s)."""
-    from rlhf import sft
+    from rlhf.stages import sft
 
     out = tmp_path_factory.mktemp("sft128") / "policy"
     sft.main(config.parse(config.SFTConfig, ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--output_dir",
@@ -221,7 +223,7 @@ def test_missing_engine_environment_is_one_line(tmp_path, monkeypatch):
     cfg = config.parse(ppo.PPOConfig, ppo_args(tmp_path / "o", "--ppo.steps", "1", "--ppo.rollout_engine", "vllm",
                                                "--vllm.python", str(tmp_path / "nope" / "python")), "t")
     with pytest.raises(EngineError, match=r"vllm.python '.*nope/python' does not exist \(create an environment "
-                                          r"with `python -m rlhf.vllm_env`\)"):
+                                          r"with `python -m rlhf.generation.vllm_env`\)"):
         ppo.main(cfg, reward=DigitReward())
     assert not (tmp_path / "o").exists()
 
@@ -239,7 +241,7 @@ def test_generate_and_eval_policy_give_the_same_greedy_answers_with_either_engin
                                                                                   monkeypatch):
     """Greedy decoding is deterministic: the vLLM engine (the adapter served on its base) must give the
     HF engine's answers, and `rlhf eval policy` the same report."""
-    from rlhf import eval_policy, generate
+    from rlhf.evaluation import eval_policy, generate
 
     monkeypatch.chdir(REPO)
     rows = {}

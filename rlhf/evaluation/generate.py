@@ -20,9 +20,9 @@ from typing import Literal, Optional
 import torch
 
 from rlhf.errors import UserError
-from rlhf.eval_policy import decode, load_lm, open_engine, sample
-from rlhf.ppo import PromptDataConfig, RewardSpec, load_prompts
-from rlhf.rollout_engine import VLLMConfig
+from rlhf.evaluation.eval_policy import decode, load_lm, open_engine, sample
+from rlhf.generation.vllm_engine import VLLMConfig
+from rlhf.ppo.trainer import PromptDataConfig, RewardSpec, load_prompts
 
 
 @dataclass
@@ -71,7 +71,7 @@ def check(cfg: GenerateConfig) -> None:
     if not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_p expects a value in (0, 1], got {cfg.top_p}")
     if cfg.output is not None:
-        from rlhf.outputs import check_output_file
+        from rlhf.runtime.outputs import check_output_file
 
         check_output_file(cfg.output, "--output")
     _check_exists(cfg.model)  # a missing local path: one line naming the command that writes it

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from reward import load_reward
-from reward.interface import require_finite
 from reward import metrics as reward_metrics
+from reward.interface import require_finite
 from rlhf.config import EvalRewardConfig, PreferenceDataConfig
 from rlhf.errors import UserError
-from rlhf.reward_stage import load_preference_split
+from rlhf.stages.reward_stage import load_preference_split
 
 
 def check(cfg: EvalRewardConfig) -> None:
@@ -37,7 +37,7 @@ def check(cfg: EvalRewardConfig) -> None:
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise UserError(f"--max_samples expects a positive integer, got {cfg.max_samples}")
     if cfg.output is not None:
-        from rlhf.outputs import check_output_file
+        from rlhf.runtime.outputs import check_output_file
 
         check_output_file(cfg.output, "--output")
 

@@ -14,8 +14,8 @@ import argparse
 
 import yaml
 
+from rlhf.data.preference_data import FORMATS, check_report
 from rlhf.errors import UserError
-from rlhf.preference_data import FORMATS, check_report
 
 
 def _pairs(items: list[str], flag: str) -> dict:

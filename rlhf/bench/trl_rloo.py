@@ -4,7 +4,7 @@ RLOO (REINFORCE Leave-One-Out; Kool et al. 2019, Ahmadian et al. 2024, https://a
 samples k responses per prompt and uses, as each response's baseline, the mean reward of the other
 k - 1: no value model, no GAE. TRL subtracts `beta` x the sequence KL to the reference from the
 reward and takes one REINFORCE step with these advantages per generation batch. It is not our
-training path (that is `rlhf/ppo.py`); it runs here only so our PPO is compared with a maintained
+training path (that is `rlhf/ppo/trainer.py`); it runs here only so our PPO is compared with a maintained
 peer given the same models, reward function, prompts and budget.
 
 Budget: our PPO generates `steps * rollout_batch` responses. The caller makes RLOO generate as many,
@@ -29,7 +29,7 @@ import torch
 
 from policies import models
 from policies.config import ModelConfig, PeftConfig
-from rlhf.ppo import peak_memory_gb
+from rlhf.ppo.trainer import peak_memory_gb
 
 
 @dataclass
@@ -179,7 +179,7 @@ def _base_model_path(policy_path: str, output_dir: Path) -> str:
     """A peft adapter directory (an SFT output) is merged into its base once, like our PPO does."""
     if not (Path(policy_path) / "adapter_config.json").exists():
         return policy_path
-    from rlhf.merge import merge
+    from rlhf.stages.merge import merge
 
     merged = output_dir / "merged_policy"
     if not (merged / "config.json").exists():

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from policies import models
-from rlhf import checkpoints, config, tracking
+from rlhf import config
 from rlhf.config import DPO_LOSS_TYPES, DPOConfig
-from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
 from rlhf.errors import UserError
-from rlhf.outputs import user_run
-from rlhf.reward_stage import load_preference_data
+from rlhf.runtime import checkpoints, tracking
+from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime.outputs import user_run
+from rlhf.stages.reward_stage import load_preference_data
 
 PEFT_METHODS = ("full", "lora", "qlora")
 # Validation metrics TRL logs (prefixed `eval_`) that metrics.json keeps before and after training.
@@ -108,7 +109,7 @@ def policy_base(cfg: DPOConfig, out: Path) -> str:
     """What the policy starts from, as a path or hub id: the built-in tiny model written to
     out/base_model, or an SFT adapter merged into its base once in out/policy_base (so the reference is
     the SFT policy and the saved adapter names a base that loads from anywhere)."""
-    from rlhf.merge import merge
+    from rlhf.stages.merge import merge
 
     path = models.materialize(cfg.model, out / "base_model", cfg.seed)
     if not Path(path).is_dir():

@@ -279,8 +279,13 @@ def _run(spec: dict, out_dir: str) -> dict:
     trl, ppo_module, PPOConfig, PPOTrainer = import_trl_ppo()
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+        set_seed,
+    )
 
     set_seed(spec["seed"])
     dtype = getattr(torch, spec["dtype"])

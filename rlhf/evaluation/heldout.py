@@ -30,9 +30,9 @@ from typing import Literal, Optional
 
 import torch
 
-from rlhf import ppo_core as core
 from rlhf.config import PromptFormat
 from rlhf.errors import UserError
+from rlhf.ppo import core
 
 
 @dataclass
@@ -98,7 +98,7 @@ class HeldOutEval:
 
     def __init__(self, cfg: EvalConfig, training_reward, temperature: float, max_new_tokens: int,
                  max_prompt_length: int, accelerator, out_dir: Path):
-        from rlhf.ppo import PromptDataConfig, load_prompts
+        from rlhf.ppo.trainer import PromptDataConfig, load_prompts
 
         for name in ("every", "max_prompts", "samples_per_prompt", "hacking_window"):
             if getattr(cfg, name) < 1:
@@ -133,8 +133,15 @@ class HeldOutEval:
     def __call__(self, step: int, model, tokenizer, stop_id: int, seed: int) -> dict[str, float]:
         from accelerate.utils import gather_object
 
-        from rlhf.ppo import (_generation_context, encode_prompts, forward_rollout, left_pad, position_ids, sample,
-                              sampling_config)
+        from rlhf.ppo.trainer import (
+            _generation_context,
+            encode_prompts,
+            forward_rollout,
+            left_pad,
+            position_ids,
+            sample,
+            sampling_config,
+        )
 
         acc, device = self.accelerator, self.accelerator.device
         ids, mask = left_pad(encode_prompts(tokenizer, self.prompts, self.max_prompt_length), tokenizer.pad_token_id)

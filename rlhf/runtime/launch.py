@@ -27,7 +27,7 @@ LAUNCHED_ENV = "RLHF_LAUNCHED"  # set in the children: they run the stage, they 
 def preset_path(name: str) -> Path:
     """A preset name -> its file (looked up under ./configs/accelerate, then the source checkout), or a path."""
     if name in PRESETS:
-        for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
             path = root / "configs" / "accelerate" / f"{name}.yaml"
             if path.exists():
                 return path

@@ -27,13 +27,14 @@ from reward import interface
 from reward import metrics as reward_metrics
 from reward import models as reward_models
 from reward.errors import RewardError
-from rlhf import checkpoints, config, tracking
+from rlhf import config
 from rlhf.config import PairFormatOptions, PreferenceDataConfig, RewardConfig
-from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.data.preference_data import FORMATS, load_pairs
+from rlhf.data.sources import hold_out
 from rlhf.errors import UserError
-from rlhf.outputs import user_run
-from rlhf.preference_data import FORMATS, load_pairs
-from rlhf.sources import hold_out
+from rlhf.runtime import checkpoints, tracking
+from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime.outputs import user_run
 
 
 def check(cfg: RewardConfig) -> None:

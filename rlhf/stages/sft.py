@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from policies import models
-from rlhf import checkpoints, config, tracking
+from rlhf import config
 from rlhf.config import SFTConfig
-from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.data.sft_data import load_sft_data
 from rlhf.errors import UserError
-from rlhf.outputs import user_run
-from rlhf.sft_data import load_sft_data
+from rlhf.runtime import checkpoints, tracking
+from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime.outputs import user_run
 
 
 def check(cfg: SFTConfig) -> None:

@@ -1,6 +1,6 @@
 """Rebuild the files the package ships: the bundled quickstart data and the tiny tokenizer.
 
-    python -m rlhf.assets_build
+    python -m rlhf.data.assets_build
 
 The tokenizer is trained on the bundled data plus a few lines of general English, so the tiny
 model has short token sequences on the quickstart tasks and still encodes any text byte by byte.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from policies import tiny
-from rlhf import synthetic
-from rlhf.sources import BUILTIN_DIR
+from rlhf.data import synthetic
+from rlhf.data.sources import BUILTIN_DIR
 
 GENERAL_TEXT = """The quick brown fox jumps over the lazy dog. Human: Assistant: What is the capital of France?
 Paris is the capital of France. Please explain how this works, step by step, in a few sentences.

@@ -273,11 +273,11 @@ def _reset_peak() -> None:
 
 
 def run_ours_vllm(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
-    from rlhf import rollout_engine
+    from rlhf.generation import vllm_engine as rollout_engine
 
     name = "rlhf PPO (ours, vLLM rollouts)"
     if cfg.vllm_python is None and rollout_engine.available() is None:
-        return {"trainer": name, "skipped": "no vLLM environment: create one with `python -m rlhf.vllm_env` "
+        return {"trainer": name, "skipped": "no vLLM environment: create one with `python -m rlhf.generation.vllm_env` "
                 "(or pass --vllm_python PATH)"}
     try:
         return run_ours(cfg, m, out, engine="vllm")
@@ -287,8 +287,9 @@ def run_ours_vllm(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
 
 def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> dict:
     from policies.config import ModelConfig, PeftConfig
-    from rlhf import ppo, synthetic
-    from rlhf.rollout_engine import VLLMConfig
+    from rlhf.data import synthetic
+    from rlhf.generation.vllm_engine import VLLMConfig
+    from rlhf.ppo import trainer as ppo
 
     prompts = out / "data" / "prompts.jsonl"
     synthetic.write_jsonl([{"prompt": p} for p in as_messages(m["prompt_ids"])], prompts)
@@ -327,7 +328,7 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> d
 
 
 def run_trl_rloo(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
-    from rlhf import trl_rloo
+    from rlhf.bench import trl_rloo
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reward = load_reward_model(m["reward"], device)

@@ -2,7 +2,7 @@
 
 Each task is a short instruction whose correct reply is computed, so a tiny model can learn it in
 a few hundred steps and later stages can judge replies exactly. It generates the bundled quickstart
-data (`python -m rlhf.synthetic` rewrites `rlhf/assets/data/`): SFT conversations and preference
+data (`python -m rlhf.data.synthetic` rewrites `rlhf/assets/data/`): SFT conversations and preference
 pairs (correct answer chosen over a wrong one of the same kind).
 """
 
@@ -138,7 +138,7 @@ def gold_score(question: str, response: str) -> float:
 
 
 def gold_reward(prompts, responses) -> list[float]:
-    """The gold reward of the alignment benchmark, as a reward function (`rlhf.synthetic:gold_reward`):
+    """The gold reward of the alignment benchmark, as a reward function (`rlhf.data.synthetic:gold_reward`):
     the last user turn of each prompt is a synthetic task, scored by `gold_score`."""
     return [gold_score(next(m["content"] for m in reversed(p) if m["role"] == "user"), r)
             for p, r in zip(prompts, responses)]

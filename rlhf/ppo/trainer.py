@@ -7,7 +7,7 @@ KL penalty keeps the policy near the reference, a value head estimates returns (
 
 Why our own loop: TRL deleted its PPOTrainer (huggingface/trl#7020), OpenRLHF needs Ray + vLLM and
 cannot sync LoRA, DeepSpeed-Chat has no resume. This file reads top to bottom like cleanrl's
-`ppo.py`; the math lives in `rlhf/ppo_core.py` (torch only, tested against loop references), the
+`ppo.py`; the math lives in `rlhf/ppo/core.py` (torch only, tested against loop references), the
 models in `policies/actor_critic.py`. One iteration ("step"):
 
   1. rollout: sample responses to a batch of prompts, truncate after the stop token
@@ -32,288 +32,33 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
-from policies.config import ModelConfig, PeftConfig
-from rlhf import checkpoints, config, tracking
-from rlhf import ppo_core as core
-from rlhf.config import TrackingConfig
+from rlhf import config
 from rlhf.errors import UserError
-from rlhf.heldout import EvalConfig, HeldOutEval
-from rlhf.outputs import user_run
-from rlhf.rollout_engine import VLLMConfig
+from rlhf.evaluation.heldout import HeldOutEval
+from rlhf.ppo import core
+from rlhf.runtime import checkpoints, tracking
+from rlhf.runtime.outputs import user_run
 
 STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
 
 
-# ---------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclass
-class PromptDataConfig:
-    """Prompts to roll out on."""
-
-    train: str = "builtin:quickstart_prompts"
-    """Prompt source: local .jsonl/.json/.csv/.parquet, `builtin:NAME`, or a hub dataset. Rows with
-    `messages` (the turns up to the last user turn are the prompt), `prompt` (text or messages), or
-    any preference format of `rlhf data check` (HH-RLHF, UltraFeedback, ...: its prompts are used)."""
-    format: config.PromptFormat = "auto"
-    """`auto`, `messages`, `prompt`, or a preference format name (`hh_rlhf`, `ultrafeedback_binarized`, ...)."""
-    column_map: dict[str, str] = field(default_factory=dict)
-    """Rename source columns first, e.g. `{question: prompt}`."""
-    split: str = "train"
-    """Split of a hub dataset."""
-    max_samples: Optional[int] = None
-    """Use only the first N prompts."""
-
-
-@dataclass
-class RewardSpec:
-    """What scores a response: a reward-model or classifier directory, or `module:function`."""
-
-    spec: str = "runs/reward_tiny"
-    """Reward-model directory (`rlhf reward` output), classifier directory (`rlhf classifier`),
-    or a Python function `module:function` / `path/file.py:function` taking (prompts, responses)."""
-    kind: Literal["auto", "preference", "classifier", "function"] = "auto"
-    """What `spec` is; `auto` tells from the directory's files or the `:`."""
-    label: Optional[str] = None
-    """Classifier rewards: the label whose probability is the reward (e.g. `not_toxic`)."""
-    batch_size: int = 16
-    """Responses scored per forward pass."""
-
-
-@dataclass
-class PPOHyperparameters:
-    """The algorithm's knobs (names as in the papers and TRL)."""
-
-    steps: int = 100
-    """PPO iterations (rollout + update)."""
-    per_device_rollout_batch_size: int = 16
-    """Responses rolled out per process per iteration (prompts x samples_per_prompt)."""
-    samples_per_prompt: int = 1
-    """Responses sampled per prompt in a rollout batch (each prompt repeated in a row): a dataset with
-    few distinct prompts still fills a batch, and a prompt's responses are compared with each other."""
-    num_mini_batches: int = 1
-    """Mini-batches the rollout batch is split into for each PPO epoch (one optimizer step each)."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per mini-batch (memory knob; the update is the same, up to float rounding)."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    learning_rate: float = 1e-5
-    """Peak learning rate of the policy."""
-    critic_learning_rate: Optional[float] = None
-    """Peak learning rate of the critic (adapter or model, and value head); None: `learning_rate`. A fresh
-    critic's gradients are much larger than the policy's: its own rate and clip keep them from setting
-    the policy's step (OpenRLHF's `critic_learning_rate`)."""
-    lr_scheduler_type: str = "linear"
-    """transformers scheduler name over all optimizer steps (`linear`, `cosine`, `constant`, ...)."""
-    warmup_steps: float = 0
-    """Warm-up optimizer steps, or a fraction in [0, 1) of all of them."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm of the policy's parameters (0: no clipping). Under DeepSpeed the engine
-    clips the norm of all gradients together at this value."""
-    critic_max_grad_norm: Optional[float] = None
-    """Gradient clipping norm of the critic's parameters, clipped separately (None: `max_grad_norm`)."""
-    temperature: float = 0.7
-    """Sampling temperature; logprobs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling."""
-    max_new_tokens: int = 32
-    """Longest response."""
-    max_prompt_length: int = 256
-    """Prompts are cut to their last N tokens."""
-    stop_token: Optional[str] = "eos"
-    """The response ends at this token (`eos`: the tokenizer's EOS); None: run to max_new_tokens."""
-    kl_coef: float = 0.05
-    """Per-token KL penalty coefficient (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (Schulman, "Approximating KL divergence")."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Adaptive KL: target KL per sequence."""
-    kl_horizon: int = 10000
-    """Adaptive KL: horizon (in samples) of the proportional controller."""
-    reward_normalization: Literal["auto", "none", "running", "model"] = "auto"
-    """Normalise scores by the reward model's stored statistics (`model`, mean 0 std 1 on its reference
-    responses, as in the N+ implementation details), by running statistics of this run (`running`), or
-    not at all. `auto`: `model` when the reward stores statistics, else `running`. The value head and
-    `cliprange_value` then work on that normalised scale."""
-    reward_clip: Optional[float] = None
-    """Clip (normalised) scores to [-reward_clip, reward_clip]."""
-    missing_eos_penalty: Optional[float] = 1.0
-    """Subtract this from the (normalised) score of a response that never emitted the stop token (the N+
-    details' EOS trick: otherwise a policy learns to ramble up to max_new_tokens); None: no penalty."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Normalise advantages to zero mean, unit variance over the rollout batch of all processes (gae and
-    reinforce_pp; rloo and grpo have their group baselines)."""
-    cliprange: float = 0.2
-    """Policy ratio clip."""
-    cliprange_value: Optional[float] = 0.2
-    """Value clip around the rollout values (None: unclipped value loss)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight (0: none)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    logprobs_from_generation: bool = False
-    """Take the rollout's policy logprobs from generation (recorded as tokens are sampled) instead of a
-    second forward pass: one of the three rollout passes saved (TRL 1.12's PPO does this). The cost:
-    incremental decoding and a full forward round differently (about 1e-6 in float32, 1e-2 in bf16), so
-    the first epoch's ratio is not exactly 1 and the KL to the reference (a full forward) picks up that
-    noise; off by default. The `policy/entropy` metric is not measured then."""
-    forward_batch_size: Optional[int] = None
-    """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
-    rollout_engine: Literal["hf", "vllm"] = "hf"
-    """What samples the rollouts: `hf` (transformers' generate on the trained model) or `vllm` (a vLLM
-    engine in its own process, settings under `vllm:`; a LoRA policy is handed to it as an adapter after
-    each update, full weights are loaded into it). The trainer recomputes the logprobs either way and logs
-    `rollout/logprob_diff`, the engine's disagreement with it."""
-    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = "gae"
-    """How actions are credited. `gae`: PPO with a critic (value head, GAE; Schulman et al. 2015).
-    Critic-free, building no critic adapter, critic model or value head: `rloo` (leave-one-out baseline
-    over a prompt's responses; Ahmadian et al. 2024), `grpo` (group mean and std; Shao et al. 2024),
-    `reinforce_pp` (REINFORCE++: per-token returns whitened over the global batch; Hu 2025). `rloo` and
-    `grpo` need ppo.samples_per_prompt >= 2. All keep the clipped ratio over ppo_epochs."""
-    grpo_std_normalization: bool = True
-    """GRPO: divide each group's centred rewards by its std (the paper); false: centre only (Dr. GRPO,
-    Liu et al. 2025, which finds the division favours prompts whose responses barely differ)."""
-    kl_penalty: Literal["reward", "loss"] = "reward"
-    """Where the KL to the reference enters: `reward` (-kl_coef x KL per token in the reward, Ziegler et
-    al. 2019; with rloo/grpo summed into the sequence reward before the baseline) or `loss` (kl_coef x
-    the ppo.kl_estimator of the current policy added to the loss per token, as GRPO does with k3; needs
-    k2 or k3)."""
-    critic_init: Literal["auto", "policy", "reward"] = "auto"
-    """Start the critic from the policy (value head random), or from the reward model (InstructGPT, N+
-    details): its LoRA adapter becomes the critic adapter (same base as the policy required) or, in full
-    mode, its body the critic; its score head becomes the value head. `auto`: from the reward model when
-    reward.spec is one that fits (said at start-up), else from the policy."""
-
-
-@dataclass
-class PPOConfig:
-    """PPO (`rlhf ppo`)."""
-
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft_tiny"))
-    """The initial policy: an SFT output (adapter or full model), any causal LM, or `tiny`."""
-    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="lora", lora_dropout=0.0))
-    """`lora`/`qlora`: policy and critic are two adapters on one shared base, the reference is the
-    base with adapters off. `full`: full policy, separate critic, frozen reference copy."""
-    reward: RewardSpec = field(default_factory=RewardSpec)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    """The vLLM engine, read when ppo.rollout_engine is `vllm`."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    output_dir: str = "runs/ppo"
-    """Checkpoints, the final policy (and critic), metrics.jsonl, the resolved config."""
-    seed: int = 42
-    """Seed of sampling, data order and initialisation."""
-    resume: Optional[str] = None
-    """`latest` (newest complete checkpoint in output_dir) or a checkpoint directory."""
-    save_steps: int = 50
-    """Checkpoint every N iterations (and at the end)."""
-    save_total_limit: int = 2
-    """Checkpoints kept."""
-    sample_every: int = 10
-    """Print (and log) a table of prompts and responses every N iterations (0: never)."""
-    num_samples: int = 4
-    """Rows in that table."""
-    cpu_threads: Optional[int] = None
-    """Intra-op threads per process on a CPU (None: the cores this process may use, shared between the
-    local processes). Fixed rather than left to OpenMP so a run beside another job does not collapse."""
-
-
-@dataclass
-class BatchSizes:
-    """Every batch size, derived once; inexact divisions are refused."""
-
-    world: int
-    local_rollout: int  # B per process
-    global_rollout: int
-    local_prompts: int  # B / samples_per_prompt distinct prompts per process
-    global_prompts: int
-    local_mini_batch: int
-    micro_batch: int
-    forward: int
-    optimizer_steps: int  # over the whole run
-
-
-def uses_critic(p: PPOHyperparameters) -> bool:
-    """Only GAE needs a critic; the other estimators build none."""
-    return p.advantage_estimator == "gae"
-
-
-def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
-    b = p.per_device_rollout_batch_size
-    if p.samples_per_prompt < 1 or b % p.samples_per_prompt:
-        raise UserError(f"ppo.per_device_rollout_batch_size ({b}) must be a multiple of ppo.samples_per_prompt "
-                        f"({p.samples_per_prompt}, at least 1)")
-    if b % p.num_mini_batches:
-        raise UserError(f"ppo.per_device_rollout_batch_size ({b}) must be divisible by ppo.num_mini_batches "
-                        f"({p.num_mini_batches})")
-    mini = b // p.num_mini_batches
-    if mini % p.gradient_accumulation_steps:
-        raise UserError(f"the mini-batch ({b} / {p.num_mini_batches} = {mini}) must be divisible by "
-                        f"ppo.gradient_accumulation_steps ({p.gradient_accumulation_steps})")
-    k = p.samples_per_prompt
-    return BatchSizes(world=world, local_rollout=b, global_rollout=b * world, local_prompts=b // k,
-                      global_prompts=b // k * world, local_mini_batch=mini,
-                      micro_batch=mini // p.gradient_accumulation_steps, forward=p.forward_batch_size or b,
-                      optimizer_steps=p.steps * p.ppo_epochs * p.num_mini_batches)
-
-
-def check(cfg: PPOConfig) -> None:
-    from rlhf.validate import validate
-
-    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
-    p = cfg.ppo
-    for name in ("steps", "per_device_rollout_batch_size", "num_mini_batches", "gradient_accumulation_steps",
-                 "ppo_epochs", "max_new_tokens", "save_steps"):
-        if getattr(p if hasattr(p, name) else cfg, name) < 1:
-            raise UserError(f"{'ppo.' if hasattr(p, name) else ''}{name} expects a positive integer")
-    if cfg.peft.method not in ("lora", "qlora", "full"):
-        raise UserError(f"peft.method={cfg.peft.method} is not supported by PPO; expected lora, qlora or full")
-    if p.temperature <= 0:
-        raise UserError("ppo.temperature must be > 0 (PPO needs sampled responses and their logprobs)")
-    if not 0 < p.top_p <= 1:
-        raise UserError("ppo.top_p must be in (0, 1]")
-    if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
-        raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
-    if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:
-        raise UserError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to the same prompt: "
-                        f"set ppo.samples_per_prompt to at least 2 (got {p.samples_per_prompt})")
-    if not uses_critic(p) and p.critic_init == "reward":
-        raise UserError(f"ppo.critic_init=reward: ppo.advantage_estimator={p.advantage_estimator} builds no critic; "
-                        "use advantage_estimator=gae or critic_init=auto")
-    if p.kl_penalty == "loss" and p.kl_estimator == "k1":
-        raise UserError("ppo.kl_penalty=loss needs ppo.kl_estimator k3 (GRPO's) or k2: the gradient of the k1 "
-                        "estimate is zero in expectation, so it would not hold the policy near the reference")
-    if p.rollout_engine == "vllm" and p.logprobs_from_generation:
-        raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
-                        "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
-    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
-        raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
-
-
-def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
-    """ppo.stop_token is `eos`, None, or a token of the policy's vocabulary (an unknown one would map to
-    no token: responses would never stop, and the EOS rate would read 1.0)."""
-    if stop_token not in (None, "eos") and stop_token not in vocab:
-        raise UserError(f"ppo.stop_token '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")
-
+from rlhf.ppo.config import (  # noqa: F401
+    BatchSizes,
+    PPOConfig,
+    PPOHyperparameters,
+    PromptDataConfig,
+    RewardSpec,
+    batch_sizes,
+    check,
+    check_stop_token,
+    uses_critic,
+)
 
 # ---------------------------------------------------------------------------------------------
 # prompts
@@ -321,8 +66,8 @@ def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
 
 def load_prompts(cfg: PromptDataConfig) -> list[list[dict]]:
     """Prompts as message lists ending with a user turn."""
-    from rlhf import preference_data
-    from rlhf.sources import load_rows
+    from rlhf.data import preference_data
+    from rlhf.data.sources import load_rows
 
     fmt = cfg.format
     if fmt not in ("auto", "messages", "prompt"):  # a preference format: take its pairs' prompts
@@ -424,8 +169,7 @@ def build_models(cfg: PPOConfig, is_main: bool, accelerator=None, reward_given: 
     autocast; the frozen reference stays in the compute dtype. `reward_given`: the reward is an object
     passed to `main`, so `critic_init: auto` does not look for a reward model at reward.spec."""
     from policies import actor_critic, models
-
-    from rlhf.distributed import main_process_first
+    from rlhf.runtime.distributed import main_process_first
 
     out = Path(cfg.output_dir)
     with main_process_first():  # the built-in tiny base is written once, by rank 0, before others read it
@@ -541,8 +285,8 @@ def _merged_policy_base(adapter_dir: str, out: Path, is_main: bool, allow_pickle
     """An SFT adapter becomes the PPO starting point by merging it into its base once (on disk, so
     QLoRA can load the merged weights in 4 bits and the saved PPO adapter names a real base)."""
     from policies.models import refuse_pickle_weights_with_base
-    from rlhf.distributed import barrier
-    from rlhf.merge import merge
+    from rlhf.runtime.distributed import barrier
+    from rlhf.stages.merge import merge
 
     refuse_pickle_weights_with_base(adapter_dir, allow_pickle_weights)  # every rank: main alone would hang
     if is_main and not (out / "config.json").exists():
@@ -829,7 +573,7 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) 
     once complete (ppo_state.json, written last, marks it complete). Everything but the weights and the
     optimizer state (safetensors, and a torch.save of tensors that resume checks) is JSON: the scheduler,
     KL controller, reward statistics and step (the data position is a function of the step)."""
-    from rlhf.distributed import barrier  # torch's: accelerate's waits for nobody in a CPU DDP launch
+    from rlhf.runtime.distributed import barrier  # torch's: accelerate's waits for nobody in a CPU DDP launch
 
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -905,13 +649,13 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
 
 
 # ---------------------------------------------------------------------------------------------
-# the vLLM rollout engine (see rlhf/rollout_engine.py)
+# the vLLM rollout engine (see rlhf/generation/vllm_engine.py)
 
 
 def start_engine(cfg: PPOConfig, base_path: str, accelerator, out: Path):
     """This process's vLLM engine, serving the policy's base (LoRA) or its initial weights (full)."""
     from policies.models import torch_dtype
-    from rlhf.rollout_engine import VLLMEngine
+    from rlhf.generation.vllm_engine import VLLMEngine
 
     p = cfg.ppo
     dtype = cfg.vllm.dtype if cfg.vllm.dtype != "auto" else \
@@ -929,8 +673,8 @@ def sync_engine(engine, model, accelerator, version: int, weights_file: Path) ->
     """Hand the policy's current weights to the engine: the policy adapter alone (LoRA), or the full
     weights written once per node and loaded by every engine (full). Under ZeRO-3 they are gathered."""
     from policies.actor_critic import POLICY as POLICY_ADAPTER
-    from rlhf.distributed import barrier
-    from rlhf.rollout_engine import write_adapter, write_full_weights
+    from rlhf.generation.vllm_engine import write_adapter, write_full_weights
+    from rlhf.runtime.distributed import barrier
 
     with _generation_context(model, accelerator) as ac:
         if engine.lora_rank is not None:
@@ -955,9 +699,8 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     import transformers
     from tqdm.auto import tqdm
 
-    from rlhf.distributed import make_accelerator
-
     from policies.models import torch_dtype
+    from rlhf.runtime.distributed import make_accelerator
 
     check(cfg)
     p, out = cfg.ppo, Path(cfg.output_dir)
@@ -972,7 +715,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
                         f"({sizes.global_prompts} = {p.per_device_rollout_batch_size} / ppo.samples_per_prompt "
                         f"{p.samples_per_prompt} x {sizes.world} processes)")
     if p.rollout_engine == "vllm":  # an engine environment that is missing: said before anything is written
-        from rlhf.rollout_engine import find_python
+        from rlhf.generation.vllm_engine import find_python
 
         find_python(cfg.vllm.python)
     reward_given = reward is not None
@@ -1055,7 +798,13 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     sum_over_processes = (lambda t: accelerator.reduce(t, "sum")) if sizes.world > 1 else None  # noqa: E731
     engine = None
     if p.rollout_engine == "vllm":
-        from rlhf.rollout_engine import Sampling, logprob_diff, pad_responses, request_seeds, shared_weights_file
+        from rlhf.generation.vllm_engine import (
+            Sampling,
+            logprob_diff,
+            pad_responses,
+            request_seeds,
+            shared_weights_file,
+        )
 
         engine = start_engine(cfg, base_path, accelerator, out)
         cleanup.callback(engine.close)
@@ -1123,7 +872,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             engine_metrics = {"rollout/logprob_diff": diffs[:, 0].mean().item(),
                               "rollout/logprob_diff_max": diffs[:, 1].max().item()}
             if engine_metrics["rollout/logprob_diff"] > cfg.vllm.max_logprob_diff:
-                from rlhf.rollout_engine import EngineError
+                from rlhf.generation.vllm_engine import EngineError
 
                 raise EngineError(
                     f"step {step}: the vLLM engine's sampled-token logprobs differ from the policy's by "

@@ -3,7 +3,7 @@
     rlhf bench align                      # 3 seeds, tiny model, CPU, a few minutes per seed
     rlhf bench align --seeds 0 --ppo_steps 40 --output_dir runs/bench_small
 
-The task is the synthetic instruction corpus of `rlhf.synthetic`, whose correct answers are known, so
+The task is the synthetic instruction corpus of `rlhf.data.synthetic`, whose correct answers are known, so
 every response has a gold reward (`synthetic.gold_score`: 1 - edit distance to the right answer,
 relative). For each seed:
 
@@ -37,10 +37,9 @@ from typing import Literal
 import torch
 
 from policies.config import ModelConfig, PeftConfig, TinyModelConfig
-from rlhf import bench_math as bm
-from rlhf import synthetic
+from rlhf.bench import align_math as bm
+from rlhf.data import synthetic
 from rlhf.errors import UserError
-
 
 ONLINE = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}  # method -> estimator
 GROUP = ("grpo", "rloo", "trl_rloo")  # sample group_size responses per prompt
@@ -66,7 +65,7 @@ class BenchAlignConfig:
     sft_steps: int = 400
     """SFT optimizer steps (batch 32)."""
     families: list[str] = field(default_factory=lambda: list(synthetic.QUICKSTART["families"]))
-    """Task families of the corpus (`rlhf.synthetic.FAMILIES`); by default the quickstart's four."""
+    """Task families of the corpus (`rlhf.data.synthetic.FAMILIES`); by default the quickstart's four."""
     chatty: float = 0.6
     """Share of demonstrations that add an unasked remark to a right answer (reverse, capital tasks),
     which the gold reward (edit distance to the exact answer) penalises: room for RLHF above SFT."""
@@ -166,7 +165,7 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, policy, tokenizer) -> dict:
-        from rlhf.eval_policy import decode, sample, sequence_logprob
+        from rlhf.evaluation.eval_policy import decode, sample, sequence_logprob
 
         was_training = policy.training
         policy.eval()
@@ -206,21 +205,21 @@ def _train_prompts(cfg: BenchAlignConfig, seed: int) -> list[list[dict]]:
 
 
 def sampling(cfg: BenchAlignConfig, batch_size: int):
-    from rlhf.eval_policy import EvalPolicyConfig
+    from rlhf.evaluation.eval_policy import EvalPolicyConfig
 
     return EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=batch_size,
                             max_prompt_length=256)
 
 
 def sample_texts(model, tok, prompts: list, sampling_cfg, seed: int) -> list[str]:
-    from rlhf.eval_policy import decode, sample
+    from rlhf.evaluation.eval_policy import decode, sample
 
     return [t for _, _, r, m in sample(model, tok, prompts, sampling_cfg, seed) for t in decode(tok, r, m)]
 
 
 def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
-    from rlhf import sft
     from rlhf.config import DataConfig, SFTConfig, TrainConfig
+    from rlhf.stages import sft
 
     data = out / "data" / "sft.jsonl"
     synthetic.write_jsonl(synthetic.sft_rows(cfg.sft_rows, seed=10_000 + seed, chatty=cfg.chatty, **_corpus(cfg)), data)
@@ -259,8 +258,8 @@ def label_pairs(cfg: BenchAlignConfig, sft, tok, out: Path, seed: int) -> dict:
 
 
 def run_reward(cfg: BenchAlignConfig, sft_dir: str, out: Path, seed: int) -> str:
-    from rlhf import reward_stage
     from rlhf.config import PreferenceDataConfig, RewardConfig, RewardTrainConfig
+    from rlhf.stages import reward_stage
 
     reward_stage.main(RewardConfig(
         model=ModelConfig(name_or_path=sft_dir), peft=PeftConfig(method=cfg.rm_peft, r=16, lora_alpha=32, lora_dropout=0.0),
@@ -348,7 +347,7 @@ def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluato
                seed: int, prompts_file: Path) -> list[dict]:
     """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts
     (`prompts_file`), responses per iteration, LoRA, learning rate, epochs and KL coefficient for each."""
-    from rlhf import ppo
+    from rlhf.ppo import trainer as ppo
 
     evals = []
 
@@ -381,9 +380,9 @@ def run_dpo(cfg: BenchAlignConfig, sft_dir: str, tok, evaluator: Evaluator, out:
     involved; its checkpoints along the way are evaluated like the online methods' iterations."""
     from peft import PeftModel
 
-    from rlhf import dpo
     from rlhf.config import DPOConfig, DPOOptions, DPOTrainConfig, PreferenceDataConfig
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation.eval_policy import load_lm
+    from rlhf.stages import dpo
 
     every = max(cfg.dpo_steps // max(cfg.ppo_steps // cfg.eval_every, 1), 1)  # as many points as the online paths
     dpo.main(DPOConfig(
@@ -404,7 +403,7 @@ def run_dpo(cfg: BenchAlignConfig, sft_dir: str, tok, evaluator: Evaluator, out:
 
 def run_trl_rloo(cfg: BenchAlignConfig, sft_dir: str, proxy, evaluator: Evaluator, out: Path, seed: int,
                  prompts: list) -> list[dict]:
-    from rlhf import trl_rloo
+    from rlhf.bench import trl_rloo
 
     result = trl_rloo.run_rloo(
         sft_dir, lambda p, r: proxy.score(p, r, normalize=True).float(), prompts,
@@ -421,7 +420,7 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
     from transformers import AutoTokenizer
 
     from reward.interface import load_reward
-    from rlhf.eval_policy import load_lm
+    from rlhf.evaluation.eval_policy import load_lm
 
     timings = {}
     t = time.perf_counter()

@@ -27,12 +27,13 @@ from reward import interface
 from reward import metrics as reward_metrics
 from reward import models as reward_models
 from reward.errors import RewardError
-from rlhf import checkpoints, config, tracking
+from rlhf import config
 from rlhf.config import ClassifierConfig, ClassifierDataConfig
-from rlhf.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.data.sources import load_rows
 from rlhf.errors import UserError
-from rlhf.outputs import user_run
-from rlhf.sources import load_rows
+from rlhf.runtime import checkpoints, tracking
+from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime.outputs import user_run
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
@@ -302,7 +303,7 @@ def metrics_table(rows: dict[str, dict], per_label: dict[str, dict]) -> str:
 def save(trainer, cfg: ClassifierConfig, names: list[str], multi_label: bool, normalization: dict,
          metrics: dict) -> None:
     """The classifier (adapter with its head, or full), tokenizer, reward_info.json and metrics.json."""
-    from rlhf.reward_stage import publish
+    from rlhf.stages.reward_stage import publish
 
     publish(trainer, cfg, "classifier", {
         "labels": names,

@@ -33,7 +33,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.exists():
         raise UserError(f"ADAPTER_DIR '{adapter}' holds no adapter_config.json (is it a peft adapter directory?)")
-    from rlhf.outputs import check_output_dir
+    from rlhf.runtime.outputs import check_output_dir
 
     check_output_dir(out, "OUT_DIR", inputs=(adapter,))
     if out.exists() and any(out.iterdir()):

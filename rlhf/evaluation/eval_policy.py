@@ -20,12 +20,12 @@ from typing import Literal, Optional
 
 import torch
 
-from rlhf import ppo_core as core
-from rlhf import tracking
 from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
-from rlhf.ppo import PromptDataConfig, RewardSpec, encode_prompts, left_pad, load_prompts, position_ids
-from rlhf.rollout_engine import VLLMConfig
+from rlhf.generation.vllm_engine import VLLMConfig
+from rlhf.ppo import core
+from rlhf.ppo.trainer import PromptDataConfig, RewardSpec, encode_prompts, left_pad, load_prompts, position_ids
+from rlhf.runtime import tracking
 
 
 @dataclass
@@ -89,8 +89,8 @@ def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
     prompt, `cfg.batch_size` prompts at a time (cfg: anything with the sampling fields of EvalPolicyConfig).
     `model` is a causal LM (transformers' generate, with a generation config built only from cfg: none of
     the model's own penalties or top_k), or a `(VLLMEngine, None)` pair from `open_engine`."""
-    from rlhf.ppo import sample as hf_sample
-    from rlhf.ppo import sampling_config
+    from rlhf.ppo.trainer import sample as hf_sample
+    from rlhf.ppo.trainer import sampling_config
 
     torch.manual_seed(seed)
     if isinstance(model, tuple):
@@ -111,7 +111,7 @@ def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
 
 def _sample_engine(engine, tokenizer, prompts, cfg, seed: int):
     """`sample` with a vLLM engine: every prompt in one request batch, returned in cfg.batch_size chunks."""
-    from rlhf.rollout_engine import Sampling, pad_responses, request_seeds
+    from rlhf.generation.vllm_engine import Sampling, pad_responses, request_seeds
 
     encoded = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     tokens, _ = engine.generate(encoded, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
@@ -130,7 +130,7 @@ def _sample_engine(engine, tokenizer, prompts, cfg, seed: int):
 def open_engine(path: str, cfg, seed: int):
     """A vLLM engine serving `path` (a model directory or hub id; a peft LoRA adapter directory is served
     as an adapter on its base), as `(engine, None)` for `sample`; stopped on exit."""
-    from rlhf.rollout_engine import EngineError, VLLMEngine
+    from rlhf.generation.vllm_engine import EngineError, VLLMEngine
 
     adapter_cfg = Path(path) / "adapter_config.json"
     lora, base = None, path
@@ -256,7 +256,7 @@ def markdown(r: dict) -> str:
 
 
 def main(cfg: EvalPolicyConfig, reward=None) -> dict:
-    from rlhf.outputs import check_output_file
+    from rlhf.runtime.outputs import check_output_file
 
     out = Path(cfg.output) if cfg.output else Path(cfg.policy) / "eval_policy.json"
     check_output_file(out, "--output")  # before the evaluation, not after it

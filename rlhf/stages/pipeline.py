@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from rlhf import config
 from rlhf.config import DPOConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
-from rlhf.ppo import PPOConfig
+from rlhf.ppo.trainer import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 
@@ -73,7 +73,7 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
 
 def _check_source(option: str, source: str | None) -> None:
     """A data source that is a local file (or `builtin:`) exists; a hub dataset is left to its stage."""
-    from rlhf.sources import LOCAL_SUFFIXES, resolve_source
+    from rlhf.data.sources import LOCAL_SUFFIXES, resolve_source
 
     if source is None:
         return
@@ -93,7 +93,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
     vocabulary of the tokenizer the SFT stage passes on)."""
     from policies import models
     from reward.interface import is_function_spec, load_function
-    from rlhf import ppo
+    from rlhf.ppo import trainer as ppo
 
     sizes = ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     sources = []
@@ -135,8 +135,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
 
 
 def main(cfg: PipelineConfig) -> dict:
-    from rlhf import dpo, ppo, reward_stage, sft
-    from rlhf.outputs import check_output_dir
+    from rlhf.ppo import trainer as ppo
+    from rlhf.runtime.outputs import check_output_dir
+    from rlhf.stages import dpo, reward_stage, sft
 
     cfg = wire(cfg)
     out = Path(cfg.output_dir)
