@@ -1,8 +1,8 @@
-"""The TRL 1.12 PPOTrainer speed peer (rlhf/peers/trl_ppo_peer.py).
+"""The TRL 1.12 PPOTrainer speed peer (rlhf/bench/peers/trl_ppo_peer.py).
 
 The end-to-end test needs the peer's own venv (trl==1.12.0), which CI does not build: it runs when
 RLHF_TRL_PPO_PYTHON names that venv's python, or when .venv-trl-ppo/ exists in the repository root
-(create it with `rlhf/peers/setup_trl_ppo.sh`). The other tests run under the project's own python.
+(create it with `rlhf/bench/peers/setup_trl_ppo.sh`). The other tests run under the project's own python.
 """
 
 import json
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PEER = REPO / "rlhf" / "peers" / "trl_ppo_peer.py"
-SETUP = REPO / "rlhf" / "peers" / "setup_trl_ppo.sh"
+PEER = REPO / "rlhf" / "bench" / "peers" / "trl_ppo_peer.py"
+SETUP = REPO / "rlhf" / "bench" / "peers" / "setup_trl_ppo.sh"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def peer_python() -> Path:
     path = Path(env) if env else REPO / ".venv-trl-ppo" / "bin" / "python"
     if not path.exists():
         where = f"RLHF_TRL_PPO_PYTHON={env} does not exist" if env else f"{path} does not exist"
-        pytest.skip(f"no TRL 1.12 PPO peer venv ({where}): run rlhf/peers/setup_trl_ppo.sh in the repository "
+        pytest.skip(f"no TRL 1.12 PPO peer venv ({where}): run rlhf/bench/peers/setup_trl_ppo.sh in the repository "
                     "root (creates .venv-trl-ppo) or set RLHF_TRL_PPO_PYTHON to that venv's python")
     return path
 

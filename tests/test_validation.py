@@ -11,6 +11,7 @@ from conftest import REPO
 from rlhf import cli, config
 from rlhf.config import EvalRewardConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
+from rlhf.evaluation.heldout import EvalConfig
 from rlhf.ppo import trainer as ppo
 from rlhf.validate import validate
 
@@ -152,7 +153,7 @@ def test_every_numeric_field_of_every_command_has_a_domain():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: ppo.PPOConfig(data=ppo.PromptDataConfig(format="bogus")), "data.format: unknown value 'bogus'"),
-    (lambda: ppo.PPOConfig(eval=ppo.EvalConfig(format="jsonl")), "eval.format: unknown value 'jsonl'"),
+    (lambda: ppo.PPOConfig(eval=EvalConfig(format="jsonl")), "eval.format: unknown value 'jsonl'"),
     (lambda: ppo.PPOConfig(ppo=ppo.PPOHyperparameters(missing_eos_penalty=float("nan"))),
      "ppo.missing_eos_penalty must be a finite number, got nan"),
     (lambda: RewardConfig(data=config.PreferenceDataConfig(options=config.PairFormatOptions(min_score_ratio=-1.0))),

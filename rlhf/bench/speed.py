@@ -17,8 +17,8 @@ its tokens: every trainer sees exactly `prompt_length` + `response_length` token
 
 Peers, measured in the same run with the same model shape, batch and lengths:
 - `trl_rloo`: TRL's RLOOTrainer (the installed trl), `batch_size / rloo_k` prompts x `rloo_k` samples.
-- `trl_ppo`: TRL 1.12's experimental PPOTrainer, run by `rlhf/peers/trl_ppo_peer.py` under its own
-  virtual environment (`--trl_ppo_python`; `rlhf/peers/setup_trl_ppo.sh` creates one). It is a peer to
+- `trl_ppo`: TRL 1.12's experimental PPOTrainer, run by `rlhf/bench/peers/trl_ppo_peer.py` under its own
+  virtual environment (`--trl_ppo_python`; `rlhf/bench/peers/setup_trl_ppo.sh` creates one). It is a peer to
   compare with, never a dependency.
 On a GPU the report adds our achieved model FLOP/s and its share of the device's peak (MFU).
 """
@@ -349,7 +349,7 @@ def run_trl_ppo(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
     python = cfg.trl_ppo_python or (".venv-trl-ppo/bin/python" if Path(".venv-trl-ppo/bin/python").exists() else None)
     if python is None:
         return {"trainer": "TRL 1.12 PPOTrainer", "skipped": "no TRL 1.12 environment: create one with "
-                "`bash rlhf/peers/setup_trl_ppo.sh` (or pass --trl_ppo_python PATH)"}
+                "`bash rlhf/bench/peers/setup_trl_ppo.sh` (or pass --trl_ppo_python PATH)"}
     if not Path(python).exists():
         raise UserError(f"trl_ppo_python: '{python}' does not exist")
     python = os.path.abspath(python)  # the peer runs in its own folder; not resolved: a venv's python is a link

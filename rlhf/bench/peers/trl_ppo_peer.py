@@ -2,9 +2,9 @@
 
 This is a standalone script. It runs under the python of a separate virtual environment that
 holds trl==1.12.0 (the last TRL release with ``trl.experimental.ppo``; create it with
-``rlhf/peers/setup_trl_ppo.sh``), so it imports nothing from this project:
+``rlhf/bench/peers/setup_trl_ppo.sh``), so it imports nothing from this project:
 
-    PYTHON rlhf/peers/trl_ppo_peer.py --spec spec.json --out result.json
+    PYTHON rlhf/bench/peers/trl_ppo_peer.py --spec spec.json --out result.json
 
 spec.json fields (required unless a default is given):
     policy            dir of a causal LM + tokenizer (safetensors); also the reference model
@@ -121,7 +121,7 @@ def load_spec(path: str) -> dict:
 def import_trl_ppo():
     """Import TRL's PPO or raise PeerError naming the TRL release this peer needs."""
     hint = (f"this peer needs trl=={REQUIRED_TRL} (the last release with trl.experimental.ppo) in its own venv: "
-            f"run rlhf/peers/setup_trl_ppo.sh and use that venv's python")
+            f"run rlhf/bench/peers/setup_trl_ppo.sh and use that venv's python")
     try:
         import trl
     except ImportError:
@@ -309,7 +309,7 @@ def _run(spec: dict, out_dir: str) -> dict:
         try:
             from peft import LoraConfig
         except ImportError:
-            raise PeerError("lora needs peft in the peer venv (rlhf/peers/setup_trl_ppo.sh installs it)") from None
+            raise PeerError("lora needs peft in the peer venv (rlhf/bench/peers/setup_trl_ppo.sh installs it)") from None
         lora = spec["lora"]
         peft_config = LoraConfig(r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]),
                                  lora_dropout=lora.get("dropout", 0.0),
