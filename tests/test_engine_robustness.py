@@ -254,3 +254,26 @@ def test_request_timeout_is_checked_like_every_field():
     with pytest.raises(UserError, match="request_timeout"):
         validate(VLLMConfig(request_timeout=0))
     validate(VLLMConfig(request_timeout=0.5))
+
+
+def _node_weights_file(rank: int, local_ranks: tuple, init_file: str, out: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from rlhf.generation.vllm_engine import node_weights_file
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(local_ranks))
+    engine = SimpleNamespace(weights_file=Path(f"/dev/shm/engine-of-rank-{rank}/weights.safetensors"))
+    accelerator = SimpleNamespace(process_index=rank, local_process_index=local_ranks[rank])
+    Path(out, str(rank)).write_text(str(node_weights_file(engine, accelerator)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("local_ranks, writer", [((0, 1), (0, 0)), ((0, 0), (0, 1))], ids=["one node", "two nodes"])
+def test_every_process_reads_the_weights_its_nodes_main_process_writes(tmp_path, local_ranks, writer):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_node_weights_file, args=(local_ranks, str(tmp_path / "init"), str(tmp_path)), nprocs=len(local_ranks))
+    for rank, w in enumerate(writer):
+        assert (tmp_path / str(rank)).read_text() == f"/dev/shm/engine-of-rank-{w}/weights.safetensors"

@@ -515,11 +515,14 @@ def remove_stale_run_dirs(root: Path) -> list[Path]:
 def node_weights_file(engine: VLLMEngine, accelerator) -> Path:
     """The file full weights are written to once per node (by the local main process, into its engine's
     folder) and read by every engine of the node: each process learns its node's from the others."""
-    if accelerator.num_processes == 1:
-        return engine.weights_file
-    from accelerate.utils import gather_object
+    import torch.distributed as dist
 
-    paths = gather_object([str(engine.weights_file)])  # one per process, in rank order
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return engine.weights_file
+    # torch's collective, not accelerate's gather_object: under ACCELERATE_USE_CPU accelerate's state says
+    # NO distribution and would gather nothing (see rlhf/runtime/distributed.py)
+    paths: list = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, str(engine.weights_file))
     return Path(paths[accelerator.process_index - accelerator.local_process_index])
 
 
