@@ -128,12 +128,15 @@ def test_worker_that_exits_or_hangs_at_start(tmp_path):
 
 
 def test_a_clean_close_removes_the_temporary_log_and_the_worker_gets_no_telemetry(tmp_path):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     engine = fake_engine("echo", tmp_path, log=False)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM now reaches close()
     log = engine.log_path
     assert log.parent.name.startswith(f"{RUN_PREFIX}log-") and log.exists()
     assert "VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1" in log.read_text()
     engine.close()
     assert not log.parent.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
 
 
 def test_other_local_connections_neither_block_nor_impersonate_the_worker(tmp_path):

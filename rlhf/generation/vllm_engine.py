@@ -447,16 +447,15 @@ def _raise_system_exit(signum, frame):
 def _exit_on_sigterm(delta: int) -> bool:
     """While an engine is open, SIGTERM (a scheduler, torchrun stopping the other ranks) raises SystemExit
     in the main thread, so the `finally` blocks and exit stacks that close the engine and remove its folder
-    run; Python's default ends the process on the spot. A handler someone else set is left alone. Returns
-    whether the engine is now counted (+1 in the main thread)."""
+    run; Python's default ends the process on the spot. A handler someone else set is left alone, and
+    only the main thread can set one. `delta`: +1 an engine opens, -1 it closes; returns whether it is open."""
     global _sigterm_users
-    if threading.current_thread() is not threading.main_thread():
-        return False
     _sigterm_users += delta
-    if _sigterm_users == 1 and delta > 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_system_exit)
-    elif _sigterm_users == 0 and signal.getsignal(signal.SIGTERM) is _raise_system_exit:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():
+        if _sigterm_users > 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_system_exit)
+        elif _sigterm_users == 0 and signal.getsignal(signal.SIGTERM) is _raise_system_exit:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return delta > 0
 
 
