@@ -69,10 +69,15 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def test_worker_that_stops_answering_times_out_in_one_line(tmp_path):
-    engine = fake_engine("hang", tmp_path, pids=True, request_timeout=2)
+@pytest.mark.parametrize("how", ["hangs in generate", "is stopped (SIGSTOP)"])
+def test_worker_that_stops_answering_times_out_in_one_line(tmp_path, how):
+    # a grace period longer than the margin: the error must not wait for it
+    engine = fake_engine("hang" if how == "hangs in generate" else "echo", tmp_path, pids=True, request_timeout=2,
+                         grace_s=10.0)
     worker, child = map(int, (tmp_path / "pids").read_text().split())
     assert running(worker) and running(child)
+    if how == "is stopped (SIGSTOP)":
+        os.kill(worker, signal.SIGSTOP)
     t0 = time.monotonic()
     with pytest.raises(EngineError) as e:
         engine.generate([[1, 2, 3]], SAMPLING, [0])

@@ -266,22 +266,25 @@ class VLLMEngine:
 
     def _check_running(self, what: str, deadline: float, option: str) -> None:
         """Raise, in one line, when the worker has exited or the deadline has passed; either way the
-        worker's process group is ended first."""
+        worker's process group is ended first: at once when a request failed (the error comes on time,
+        also from a worker stopped with SIGSTOP), with SIGTERM and a grace period when `stop` did."""
+        grace_s = self.grace_s if what == "stop" else 0.0
         if self._proc.poll() is not None:
             reason = f"{_exit_reason(self._proc.returncode)}; last log lines: {self._log_tail()}"
-            self._stop_worker()
+            self._stop_worker(grace_s=grace_s)
             raise EngineError(f"the vLLM engine {'exited at start' if what == 'start' else f'died during {what}'} "
                               f"({reason}); log: {self.log_path}")
         if time.monotonic() > deadline:
-            self._stop_worker()
+            self._stop_worker(grace_s=grace_s)
             limit = self.cfg.start_timeout if option == "vllm.start_timeout" else self.cfg.request_timeout
             raise EngineError(f"the vLLM engine did not answer {what} within {limit:g} s ({option}; raise it if "
                               f"the engine is only slow); stopped it; log: {self.log_path}")
 
-    def _stop_worker(self, wait_s: float = 0.0) -> None:
+    def _stop_worker(self, wait_s: float = 0.0, grace_s: Optional[float] = None) -> None:
+        """End the worker's group (see _end_group; `grace_s` None: self.grace_s); the engine is done."""
         self._failed = True
         if self._proc is not None:
-            _end_group(self._proc, wait_s, self.grace_s)
+            _end_group(self._proc, wait_s, self.grace_s if grace_s is None else grace_s)
             self._proc = None
 
     def _log_tail(self, lines: int = 3) -> str:
@@ -315,7 +318,7 @@ class VLLMEngine:
             except subprocess.TimeoutExpired:
                 pass
             self._check_running(what, math.inf, option)
-            self._stop_worker()
+            self._stop_worker(grace_s=0.0)
             raise EngineError(f"the vLLM engine closed its connection during {what}; log: {self.log_path}") from None
         self._failed = False
         if "error" in reply:
