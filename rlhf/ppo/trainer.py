@@ -801,15 +801,14 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         from rlhf.generation.vllm_engine import (
             Sampling,
             logprob_diff,
+            node_weights_file,
             pad_responses,
             request_seeds,
-            shared_weights_file,
         )
 
         engine = start_engine(cfg, base_path, accelerator, out)
-        cleanup.callback(engine.close)
-        weights_file = shared_weights_file(out)
-        cleanup.callback(weights_file.unlink, missing_ok=True)
+        cleanup.callback(engine.close)  # also removes the engine's folder, with the weights file in it
+        weights_file = node_weights_file(engine, accelerator)
         engine_sampling = Sampling(p.temperature, p.top_p, p.max_new_tokens, stop_id)
         accelerator.print(f"ppo: vLLM engine started in {engine.start_seconds:.1f} s (log: {engine.log_path})")
     eos_history: list[float] = []
