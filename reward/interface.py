@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Callable, Literal, Protocol, Union
 
 import torch
 
-from policies.models import creating_command, looks_local
+from policies.models import creating_command, looks_local, read_json
 from reward import models
 from reward.errors import RewardError
 
@@ -283,7 +282,7 @@ def _directory_kind(spec: str, info: dict | None) -> str:
         raise RewardError(f"'{spec}' holds neither {models.INFO_FILE}, config.json nor adapter_config.json: "
                           "not a reward model or classifier directory")
     if config_file.exists():
-        num_labels = len(json.loads(config_file.read_text()).get("id2label") or {0: 0, 1: 1})
+        num_labels = len(read_json(config_file, RewardError).get("id2label") or {0: 0, 1: 1})
         return "preference" if num_labels == 1 else "classifier"
     return "preference"  # a hub id: reward models are the common case; kind= overrides
 

@@ -119,8 +119,7 @@ def policy_base(cfg: DPOConfig, out: Path) -> str:
         return str(path)
     merged = out / "policy_base"
     stamp = {"merged_from": str(path), "adapter_mtime": (path / "adapter_config.json").stat().st_mtime}
-    if not (merged / "config.json").exists() or not (merged / "merged_from.json").exists() \
-            or json.loads((merged / "merged_from.json").read_text()) != stamp:
+    if not (merged / "config.json").exists() or not models.stamp_matches(merged / "merged_from.json", stamp):
         import shutil
 
         shutil.rmtree(merged, ignore_errors=True)
