@@ -67,23 +67,22 @@ from rlhf.ppo.config import (  # noqa: F401
 def load_prompts(cfg: PromptDataConfig) -> list[list[dict]]:
     """Prompts as message lists ending with a user turn."""
     from rlhf.data import preference_data
-    from rlhf.data.sources import load_rows
+    from rlhf.data.sources import load_rows, rename_columns
 
     fmt = cfg.format
+    # data.column_map is {column: name}; the preference formats read {field: column}
+    pair_map = {field: column for column, field in cfg.column_map.items()} or None
     if fmt not in ("auto", "messages", "prompt"):  # a preference format: take its pairs' prompts
-        pairs, _ = preference_data.load_pairs(cfg.train, format=fmt, column_map=cfg.column_map or None,
-                                              split=cfg.split)
+        pairs, _ = preference_data.load_pairs(cfg.train, format=fmt, column_map=pair_map, split=cfg.split)
         prompts = [p["prompt"] for p in pairs]
     else:
-        ds = load_rows(cfg.train, split=cfg.split)
-        if cfg.column_map:
-            ds = ds.rename_columns(cfg.column_map)
+        ds = rename_columns(load_rows(cfg.train, split=cfg.split), cfg.column_map, cfg.train)
         cols = ds.column_names
         if fmt == "auto":
             fmt = "messages" if "messages" in cols else "prompt" if "prompt" in cols and not (
                 {"chosen", "rejected"} <= set(cols) or "response_0" in cols) else "pairs"
         if fmt == "pairs":
-            pairs, _ = preference_data.load_pairs(cfg.train, column_map=cfg.column_map or None, split=cfg.split)
+            pairs, _ = preference_data.load_pairs(cfg.train, column_map=pair_map, split=cfg.split)
             prompts = [p["prompt"] for p in pairs]
         elif fmt not in cols:
             raise UserError(f"{cfg.train}: no '{fmt}' column for data.format={cfg.format}; columns: {cols}")
