@@ -643,7 +643,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     rollout engine it started stops with it, however it ends."""
     from contextlib import ExitStack
 
-    with user_run(cfg.output_dir), ExitStack() as cleanup:
+    with user_run(cfg.output_dir, marker=STATE_FILE), ExitStack() as cleanup:
         return _run(cfg, reward, on_step, save, cleanup)
 
 
@@ -696,10 +696,11 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     (the benchmarks evaluate the policy along the run with it); a dict it returns joins the metrics.
     `save=False` writes no checkpoint and no final models (the speed benchmark)."""
     import transformers
-    from tqdm.auto import tqdm
 
     from policies.models import torch_dtype
+    from reward.interface import refuse_all_non_finite
     from rlhf.runtime.distributed import make_accelerator
+    from rlhf.runtime.progress import Progress
 
     check(cfg)
     p, out = cfg.ppo, Path(cfg.output_dir)
@@ -718,6 +719,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
 
         find_python(cfg.vllm.python)
     reward_given = reward is not None
+    reward_name = type(reward).__name__ if reward_given else cfg.reward.spec  # as the user named it
     if reward is None:
         from reward.interface import load_reward
 
@@ -812,8 +814,8 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         engine_sampling = Sampling(p.temperature, p.top_p, p.max_new_tokens, stop_id)
         accelerator.print(f"ppo: vLLM engine started in {engine.start_seconds:.1f} s (log: {engine.log_path})")
     eos_history: list[float] = []
-    bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
-               disable=not accelerator.is_main_process)
+    bar = Progress(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
+                   disable=not accelerator.is_main_process)
     for step in bar:
         t0 = time.perf_counter()
         # The data position is a function of the step: an epoch-seeded permutation, this rank's slice.
@@ -890,6 +892,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             scores = (raw - mean) / std
         else:
             scores = raw.clone()
+        refuse_all_non_finite(accelerator.gather(scores), reward, reward_name)  # every process, or none, stops
         nan = ~torch.isfinite(scores)
         if nan.any():
             warnings.warn(f"step {step}: {int(nan.sum())} reward(s) are NaN/inf; they count as 0 this step")
