@@ -25,14 +25,15 @@ class TrainerProgress(ProgressCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # a resumed run's bar starts where its checkpoint was
-            self.training_bar = Progress(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+            self.training_bar = Progress(total=state.max_steps, initial=state.global_step, desc="train",
+                                         dynamic_ncols=True)
         self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if state.is_world_process_zero and has_length(eval_dataloader) and interactive():
             if self.prediction_bar is None:
                 self.prediction_bar = Progress(total=len(eval_dataloader), leave=self.training_bar is None,
-                                               dynamic_ncols=True)
+                                               desc="eval", dynamic_ncols=True)
             self.prediction_bar.update(1)
 
 

@@ -109,7 +109,7 @@ def _disk_full(e: BaseException, out: Path, existed: bool, marker: str) -> UserE
     from rlhf.runtime.checkpoints import complete_checkpoints
 
     done = complete_checkpoints(out, marker)
-    path = getattr(e, "filename", None) or _newest_partial(out, marker) or out
+    path = _newest_partial(out, marker) or getattr(e, "filename", None) or out  # a checkpoint by its final name
     cause = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:200]
     if _is_main_process():
         for tmp in out.glob(".*.tmp"):  # .checkpoint-N.tmp, .final.tmp, .export.tmp: never complete

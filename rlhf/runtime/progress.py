@@ -2,7 +2,8 @@
 transformers Trainer's through `rlhf.runtime.hf_trainer`).
 
 - On a terminal: tqdm's bar, drawn from the first finished step on (an error in the first step is then the
-  only line on the screen) and taken off the screen before an error line is printed (`clear_bars`).
+  only line on the screen), and taken off the screen when its loop stops unfinished or before an error
+  line is printed (`clear_bars`).
 - Anywhere else (a log file, CI): a plain line at every tenth of the steps and at least every 30 s,
   instead of tqdm's carriage-return redraws (hundreds of them in a log file).
 """
@@ -48,7 +49,8 @@ class Progress(tqdm):
         self._plain = None if interactive(stream) else stream
         self._printed_n, self._printed_at, self._next_n = 0, time.monotonic(), 0
         # delay > 0: tqdm draws nothing when made, only at an update (a finished step) or a close after one
-        kwargs.setdefault("delay", 1e-9)
+        # (1 ms: a smaller delay vanishes in start_t + delay, a float of about 1.7e9 seconds)
+        kwargs.setdefault("delay", 1e-3)
         super().__init__(*args, file=_Discard() if self._plain is not None else stream, **kwargs)
         self._printed_n = self.n
         self._next_n = self._mark_after(self.n)
@@ -75,6 +77,14 @@ class Progress(tqdm):
         return True
 
 
+    def close(self):
+        # An unfinished bar (its loop stopped by an error, or a break) is taken off the screen, not left on it
+        # with a newline: the error line printed next then stands alone. Off a terminal no last line is added.
+        if self.total is not None and self.n < self.total:
+            self.leave = False
+        super().close()
+
+
 def clear_bars() -> None:
     """Take every open bar off the screen (plain lines already written stay), so that the error line
     printed next stands alone."""
@@ -84,7 +94,8 @@ def clear_bars() -> None:
 
 
 def plain_library_bars() -> None:
-    """Off a terminal, the `datasets` bars (TRL's tokenising passes) are off too: they redraw with
-    carriage returns and cannot be made plain from here."""
+    """Off a terminal, the libraries' own bars are off too (`datasets`: TRL's tokenising passes; the hub's:
+    transformers' weight loading and saving): they redraw with carriage returns and are not made here."""
     if not interactive():
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
