@@ -22,6 +22,49 @@ class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded because of what the user named (the CLI exits 2)."""
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = ModelLoadError, *, object_only: bool = True):
+    """The JSON in a file of a user's folder (adapter_config.json, config.json, reward_info.json, a
+    checkpoint's state): malformed JSON, bytes that are not text, or (with `object_only`) anything but an
+    object is `error` naming the file and, for malformed JSON, the line and column, in one line."""
+    try:
+        data = json.loads(Path(path).read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a JSON text file (byte {e.start} is not UTF-8)") from None
+    if object_only and not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+_JSON_CHECKED: set[tuple[str, int, int]] = set()  # (file, mtime_ns, size): a model folder is read several times
+
+
+def check_json_files(name_or_path: str | os.PathLike, error: type[Exception] = ModelLoadError) -> None:
+    """Every *.json file directly in a local model/adapter folder parses (see `read_json`): transformers and
+    peft read them later with messages that name neither the file nor the place, or with a traceback."""
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.glob("*.json")):
+        if not f.is_file():
+            continue
+        stat = f.stat()
+        key = (str(f.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _JSON_CHECKED:
+            read_json(f, error, object_only=False)
+            _JSON_CHECKED.add(key)
+
+
+def stamp_matches(path: Path, stamp: dict) -> bool:
+    """Whether the JSON stamp of a cached folder (a merged base, the tiny model) says it was made from
+    `stamp`; a missing or unreadable stamp means it must be made again."""
+    try:
+        return json.loads(path.read_bytes()) == stamp
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+
+
 def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
     """Return a path or hub id transformers can load. The built-in `tiny` model is written to
     `out_dir` first (as safetensors + tokenizer), so adapters trained on it name a real base path."""
@@ -30,7 +73,7 @@ def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
     out_dir = Path(out_dir).resolve()
     spec = {"tiny": vars(cfg.tiny), "seed": seed}
     spec_file = out_dir / "tiny_spec.json"
-    if not (spec_file.exists() and json.loads(spec_file.read_text()) == spec):
+    if not stamp_matches(spec_file, spec):
         tiny.save_tiny(cfg.tiny, out_dir, seed)
         spec_file.write_text(json.dumps(spec))
     return str(out_dir)
@@ -60,7 +103,7 @@ def refuse_pickle_weights_with_base(path: str, allow: bool, option: str = "model
     refuse_pickle_weights(path, allow, option)
     adapter_cfg = Path(os.path.expanduser(str(path))) / "adapter_config.json"
     if adapter_cfg.is_file():
-        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        base = read_json(adapter_cfg).get("base_model_name_or_path")
         if base:
             refuse_pickle_weights(base, allow, option)
 
@@ -93,10 +136,12 @@ def creating_command(path: str) -> str:
 
 
 def _check_exists(name_or_path: str) -> None:
-    """A model path that looks local (see `looks_local`) and is missing: one line, no hub lookup."""
+    """A model path that looks local (see `looks_local`) and is missing: one line, no hub lookup. A local
+    folder's JSON files are read once here, so a malformed one is named with its line and column."""
     if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         hint = creating_command(name_or_path) or " (a local path; a hub id is owner/name)"
         raise ModelLoadError(f"{name_or_path} does not exist{hint}")
+    check_json_files(name_or_path)
 
 
 def load_tokenizer(name_or_path: str, cfg: ModelConfig):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Callable, Literal, Protocol, Union
 
 import torch
 
-from policies.models import creating_command, looks_local
+from policies.models import creating_command, looks_local, read_json
 from reward import models
 from reward.errors import RewardError
 
@@ -168,8 +167,8 @@ class FunctionReward:
     What the function does wrong is a one-line RewardError naming it: raising (its exception's type and
     first line, not our traceback), returning anything but numbers, or a number of values other than one
     per response. A NaN or inf is a number: it is returned as it is, like a reward model's, for the
-    caller to handle (PPO counts it as 0 with a warning and logs objective/nan_scores; evaluations
-    refuse it with `require_finite`)."""
+    caller to handle (PPO counts it as 0 with a warning and logs objective/nan_scores, and stops at a batch
+    with no finite score, `refuse_all_non_finite`; evaluations refuse any with `require_finite`)."""
 
     kind = "function"
     normalization = None  # no reference statistics: normalize=True is refused
@@ -213,6 +212,16 @@ def require_finite(scores: torch.Tensor, spec: str) -> torch.Tensor:
         raise RewardError(f"reward '{spec}' gave {bad} non-finite score(s) (NaN or inf) of {len(scores)}; "
                           "an evaluation needs a number for every response")
     return scores
+
+
+def refuse_all_non_finite(scores: torch.Tensor, reward, name: str) -> None:
+    """A RewardError when every score of a batch is NaN or inf: a trainer that counts a non-finite score
+    as 0 (with a warning; a few are a glitch) would otherwise train on zeros and report score=nan.
+    `name` is how the user named the reward (its spec)."""
+    if scores.numel() and not torch.isfinite(scores).any():
+        what = f"reward function '{name}'" if getattr(reward, "kind", None) == "function" else f"reward '{name}'"
+        raise RewardError(f"{what} gave NaN or inf for all {scores.numel()} responses of a batch: nothing to "
+                          "learn from (a few non-finite scores count as 0 with a warning; all of them stop the run)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +292,7 @@ def _directory_kind(spec: str, info: dict | None) -> str:
         raise RewardError(f"'{spec}' holds neither {models.INFO_FILE}, config.json nor adapter_config.json: "
                           "not a reward model or classifier directory")
     if config_file.exists():
-        num_labels = len(json.loads(config_file.read_text()).get("id2label") or {0: 0, 1: 1})
+        num_labels = len(read_json(config_file, RewardError).get("id2label") or {0: 0, 1: 1})
         return "preference" if num_labels == 1 else "classifier"
     return "preference"  # a hub id: reward models are the common case; kind= overrides
 

@@ -118,7 +118,7 @@ def merged_base(name_or_path: str, out_dir: str | Path, cfg: ModelConfig) -> str
     stamp = {"merged_from": str(path.resolve()),
              "adapter_mtime": (path / "adapter_config.json").stat().st_mtime}
     stamp_file = out_dir / "merged_from.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    if models.stamp_matches(stamp_file, stamp):
         return str(out_dir)
     models.refuse_pickle_weights_with_base(str(path), cfg.allow_pickle_weights)  # the adapter and its base
     try:
@@ -249,11 +249,8 @@ def read_info(directory: str | Path) -> dict | None:
     path = Path(directory) / INFO_FILE
     if not path.exists():
         return None
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RewardError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(info, dict) or info.get("kind") not in ("preference", "classifier"):
+    info = models.read_json(path, RewardError)
+    if info.get("kind") not in ("preference", "classifier"):
         raise RewardError(f"{path}: expected an object with kind 'preference' or 'classifier'")
     return info
 
@@ -265,7 +262,7 @@ def read_info(directory: str | Path) -> dict | None:
 def _adapter_base(directory: Path, info: dict | None) -> str:
     """The base model of an adapter directory: `base_model` of reward_info (relative to the directory
     when it is a folder inside it), else the adapter config's `base_model_name_or_path`."""
-    adapter_cfg = json.loads((directory / "adapter_config.json").read_text())
+    adapter_cfg = models.read_json(directory / "adapter_config.json", RewardError)
     candidates = []
     if info and info.get("base_model"):
         candidates.append(str(directory / info["base_model"]) if not os.path.isabs(info["base_model"])
@@ -287,6 +284,7 @@ def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     directory = Path(directory)
+    models.check_json_files(directory, RewardError)  # config, tokenizer and adapter files: one line, not a traceback
     info = read_info(directory)
     quantized = bool(info and info.get("quantized"))
     cfg = ModelConfig(name_or_path=str(directory), dtype=dtype or (info or {}).get("dtype", "float32"),

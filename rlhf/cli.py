@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a != "--verbose"]
     else:
         quiet_third_party()
+    from rlhf.runtime import progress
+
+    progress.plain_library_bars()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 return code
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:
+        progress.clear_bars()  # nothing of a bar before or around the error line
         print(f"rlhf {command}: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always one line
         return 2
     except BrokenPipeError:  # `rlhf ppo --help | head`: the reader left; nothing more to say

@@ -185,15 +185,19 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
 
     text = read_text(path)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
         lines = _yaml_lines(yaml.compose(text)) if data else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
         raise UserError(f"{where}: invalid YAML ({' '.join(str(problem).split())})") from None
+    if data is None:  # 0 bytes, only comments or `---`: every default would run without a word
+        raise UserError(f"{path}: the config file is empty; expected a mapping of config sections "
+                        "(e.g. `model:`, `train:`), or leave out --config to run on the defaults")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+        raise UserError(f"{path}: expected a mapping of config sections at the top level, got a "
+                        f"{type(data).__name__} ({repr(data)[:40]})")
     return data, lines
 
 

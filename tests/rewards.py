@@ -16,8 +16,11 @@ class DigitReward:
 
 
 class NaNReward:
+    """`DigitReward` with NaN for every other response: a reward that fails now and then (all NaN is an error)."""
+
     def score(self, prompts, responses, normalize=False):
-        return torch.full((len(responses),), float("nan"))
+        scores = torch.tensor(digit_fraction(prompts, responses), dtype=torch.float32)
+        return scores.index_fill(0, torch.arange(0, len(responses), 2), float("nan"))
 
 
 _calls = 0

@@ -171,7 +171,7 @@ def test_value_clip_and_vf_coef(tmp_path, sft_policy):
 def test_nan_reward_is_reported_not_propagated(tmp_path, sft_policy):
     with pytest.warns(UserWarning, match="NaN"):
         h = _run(tmp_path, sft_policy, reward=NaNReward())
-    assert h[0]["objective/nan_scores"] == 1.0
+    assert h[0]["objective/nan_scores"] == 0.5  # a few NaNs: a warning; all of them: tests/test_bad_inputs.py
     assert all(torch.isfinite(torch.tensor(m["loss/policy"])) for m in h)
 
 

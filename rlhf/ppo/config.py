@@ -26,7 +26,8 @@ class PromptDataConfig:
     format: PromptFormat = "auto"
     """`auto`, `messages`, `prompt`, or a preference format name (`hh_rlhf`, `ultrafeedback_binarized`, ...)."""
     column_map: dict[str, str] = field(default_factory=dict)
-    """Rename source columns first, e.g. `{question: prompt}`."""
+    """Rename source columns first, {column in the file: name read}, e.g. `{question: prompt}`; for a
+    preference format too, e.g. `{q: prompt, good: chosen, bad: rejected}`."""
     split: str = "train"
     """Split of a hub dataset."""
     max_samples: Optional[int] = None

@@ -67,23 +67,22 @@ from rlhf.ppo.config import (  # noqa: F401
 def load_prompts(cfg: PromptDataConfig) -> list[list[dict]]:
     """Prompts as message lists ending with a user turn."""
     from rlhf.data import preference_data
-    from rlhf.data.sources import load_rows
+    from rlhf.data.sources import load_rows, rename_columns
 
     fmt = cfg.format
+    # data.column_map is {column: name}; the preference formats read {field: column}
+    pair_map = {field: column for column, field in cfg.column_map.items()} or None
     if fmt not in ("auto", "messages", "prompt"):  # a preference format: take its pairs' prompts
-        pairs, _ = preference_data.load_pairs(cfg.train, format=fmt, column_map=cfg.column_map or None,
-                                              split=cfg.split)
+        pairs, _ = preference_data.load_pairs(cfg.train, format=fmt, column_map=pair_map, split=cfg.split)
         prompts = [p["prompt"] for p in pairs]
     else:
-        ds = load_rows(cfg.train, split=cfg.split)
-        if cfg.column_map:
-            ds = ds.rename_columns(cfg.column_map)
+        ds = rename_columns(load_rows(cfg.train, split=cfg.split), cfg.column_map, cfg.train)
         cols = ds.column_names
         if fmt == "auto":
             fmt = "messages" if "messages" in cols else "prompt" if "prompt" in cols and not (
                 {"chosen", "rejected"} <= set(cols) or "response_0" in cols) else "pairs"
         if fmt == "pairs":
-            pairs, _ = preference_data.load_pairs(cfg.train, column_map=cfg.column_map or None, split=cfg.split)
+            pairs, _ = preference_data.load_pairs(cfg.train, column_map=pair_map, split=cfg.split)
             prompts = [p["prompt"] for p in pairs]
         elif fmt not in cols:
             raise UserError(f"{cfg.train}: no '{fmt}' column for data.format={cfg.format}; columns: {cols}")
@@ -644,7 +643,7 @@ def main(cfg: PPOConfig, reward=None, on_step=None, save: bool = True) -> list[d
     rollout engine it started stops with it, however it ends."""
     from contextlib import ExitStack
 
-    with user_run(cfg.output_dir), ExitStack() as cleanup:
+    with user_run(cfg.output_dir, marker=STATE_FILE), ExitStack() as cleanup:
         return _run(cfg, reward, on_step, save, cleanup)
 
 
@@ -697,10 +696,11 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     (the benchmarks evaluate the policy along the run with it); a dict it returns joins the metrics.
     `save=False` writes no checkpoint and no final models (the speed benchmark)."""
     import transformers
-    from tqdm.auto import tqdm
 
     from policies.models import torch_dtype
+    from reward.interface import refuse_all_non_finite
     from rlhf.runtime.distributed import make_accelerator
+    from rlhf.runtime.progress import Progress
 
     check(cfg)
     p, out = cfg.ppo, Path(cfg.output_dir)
@@ -719,6 +719,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
 
         find_python(cfg.vllm.python)
     reward_given = reward is not None
+    reward_name = type(reward).__name__ if reward_given else cfg.reward.spec  # as the user named it
     if reward is None:
         from reward.interface import load_reward
 
@@ -812,8 +813,8 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
         engine_sampling = Sampling(p.temperature, p.top_p, p.max_new_tokens, stop_id)
         accelerator.print(f"ppo: vLLM engine started in {engine.start_seconds:.1f} s (log: {engine.log_path})")
     eos_history: list[float] = []
-    bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
-               disable=not accelerator.is_main_process)
+    bar = Progress(range(start_step, p.steps), initial=start_step, total=p.steps, desc="ppo",
+                   disable=not accelerator.is_main_process)
     for step in bar:
         t0 = time.perf_counter()
         # The data position is a function of the step: an epoch-seeded permutation, this rank's slice.
@@ -890,6 +891,7 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
             scores = (raw - mean) / std
         else:
             scores = raw.clone()
+        refuse_all_non_finite(accelerator.gather(scores), reward, reward_name)  # every process, or none, stops
         nan = ~torch.isfinite(scores)
         if nan.any():
             warnings.warn(f"step {step}: {int(nan.sum())} reward(s) are NaN/inf; they count as 0 this step")

@@ -39,7 +39,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path, marker: str = "tr
         resume = str(ckpts[-1])
     elif not (Path(resume) / marker).exists():
         raise UserError(f"--resume '{resume}' is not a complete checkpoint directory (no {marker})")
+    from policies.models import check_json_files
+
     refuse_unsafe_pickles(resume)
+    check_json_files(resume, UserError)  # trainer_state.json, ppo_state.json, ...: one line naming file and line
     return resume
 
 

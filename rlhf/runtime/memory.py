@@ -59,7 +59,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from rlhf.errors import UserError
+from rlhf.errors import ArgumentParser, UserError
 
 GB = 1e9
 GPU_SIZES_GB = (24, 40, 80)
@@ -529,11 +529,6 @@ def _count(n: float) -> str:
 
 # --- Command line ---------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def _bool(text: str) -> bool:
     value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
     if value is None:
@@ -552,7 +547,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rlhf estimate-memory", allow_abbrev=False,
+    p = ArgumentParser(prog="rlhf estimate-memory", allow_abbrev=False,
                 description="Memory per GPU to fine-tune a causal LM: weights, gradients, optimizer states, "
                             "activations; compared with 24/40/80 GB GPUs. The assumptions are printed with "
                             "the estimate.")

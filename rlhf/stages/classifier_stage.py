@@ -221,6 +221,8 @@ def build(cfg: ClassifierConfig):
     Returns (trainer, splits (text + labels), label names, multi_label)."""
     import transformers
 
+    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
+
     check(cfg)
     init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
@@ -256,6 +258,7 @@ def build(cfg: ClassifierConfig):
         eval_dataset=val_rows, processing_class=tokenizer,
         data_collator=transformers.DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics_fn(names, multi_label, t.threshold), callbacks=callbacks)
+    attach_to_trainer(trainer)  # plain progress lines off a terminal
     trainable, total = models.count_parameters(trainer.model)
     print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
           f"({100 * trainable / total:.4f}%)")

@@ -119,8 +119,7 @@ def policy_base(cfg: DPOConfig, out: Path) -> str:
         return str(path)
     merged = out / "policy_base"
     stamp = {"merged_from": str(path), "adapter_mtime": (path / "adapter_config.json").stat().st_mtime}
-    if not (merged / "config.json").exists() or not (merged / "merged_from.json").exists() \
-            or json.loads((merged / "merged_from.json").read_text()) != stamp:
+    if not (merged / "config.json").exists() or not models.stamp_matches(merged / "merged_from.json", stamp):
         import shutil
 
         shutil.rmtree(merged, ignore_errors=True)
@@ -178,6 +177,7 @@ def build(cfg: DPOConfig):
     import trl
 
     from reward.models import ensure_chat_template
+    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
 
     check(cfg)
     init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
@@ -202,6 +202,7 @@ def build(cfg: DPOConfig):
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=trl_args(cfg, val_rows is not None, bf16),
                              train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
                              peft_config=models.peft_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
+    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     report_dropped(len(train_rows), trainer.train_dataset, cfg.train.max_length, "training")
     if val_rows is not None:
         report_dropped(len(val_rows), trainer.eval_dataset, cfg.train.max_length, "validation")

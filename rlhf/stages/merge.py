@@ -8,13 +8,11 @@ round the update away), which is the usual way to deploy QLoRA.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf.errors import ArgumentParser, UserError
 
 MERGEABLE = {"LORA", "IA3", "LN_TUNING"}
 
@@ -27,7 +25,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from policies.models import refuse_pickle_weights
+    from policies.models import check_json_files, read_json, refuse_pickle_weights
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     cfg_file = adapter / "adapter_config.json"
@@ -38,7 +36,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     check_output_dir(out, "OUT_DIR", inputs=(adapter,))
     if out.exists() and any(out.iterdir()):
         raise UserError(f"OUT_DIR '{out}' exists and is not empty; choose a new directory")
-    adapter_cfg = json.loads(cfg_file.read_text())
+    adapter_cfg = read_json(cfg_file)
     peft_type = adapter_cfg.get("peft_type", "?")
     if peft_type not in MERGEABLE:
         raise UserError(f"a {peft_type} adapter cannot be merged into the weights (virtual tokens are not "
@@ -50,6 +48,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
                    "float16": torch.float16}[dtype]
     for weights in (str(adapter), base):  # unpickling can run code: safetensors only unless asked
         refuse_pickle_weights(weights, allow_pickle_weights, option)
+        check_json_files(weights)  # peft and transformers read them with a traceback, or without naming them
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype,
                                                      use_safetensors=None if allow_pickle_weights else True)
@@ -69,7 +68,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
 
 
 def cli(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="rlhf merge", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rlhf merge", description=__doc__.split("\n\n")[0])
     p.add_argument("adapter_dir", help="directory of a trained LoRA/IA3/LN-tuning adapter (an SFT output)")
     p.add_argument("out_dir", help="new directory for the merged full model")
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")

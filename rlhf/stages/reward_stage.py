@@ -178,6 +178,8 @@ def build(cfg: RewardConfig):
     import transformers
     import trl
 
+    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
+
     check(cfg)
     init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
@@ -212,6 +214,7 @@ def build(cfg: RewardConfig):
     trainer = trl.RewardTrainer(model=model, args=trl_args(cfg, val_rows is not None, bf16),
                                 train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
                                 callbacks=callbacks)
+    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     if cfg.peft.method == "qlora":
         reward_models.head_to_dtype(trainer.model, models.torch_dtype(cfg.model))
     trainable, total = models.count_parameters(trainer.model)

@@ -81,6 +81,8 @@ def build(cfg: SFTConfig):
     import transformers
     import trl
 
+    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
+
     check(cfg)
     init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
     out = Path(cfg.output_dir)
@@ -101,6 +103,7 @@ def build(cfg: SFTConfig):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, peft_config=models.peft_config(cfg.peft, "CAUSAL_LM", base),
                              callbacks=callbacks)
+    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     # TRL drops rows whose loss mask is empty (the completion cut away by max_length): none may be left
     for name, ds in (("training", trainer.train_dataset), ("validation", trainer.eval_dataset)):
         if ds is not None and len(ds) == 0:
