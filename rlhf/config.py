@@ -4,7 +4,9 @@
 
 The YAML is checked here against the dataclasses (unknown keys and wrong types are errors naming the
 file, line, key and what was expected); the result becomes the defaults of a tyro parser, which reads
-the `--section.field value` overrides and renders `--help` from the field docstrings.
+the `--section.field value` overrides and renders `--help` from the field docstrings. Each field's domain is
+part of its type (`eval_steps: PositiveInt[int] = 50`, `policies/domains.py`, re-exported here), shown in
+`--help` after the default and checked for the whole config by `rlhf.validate.validate` once it is read.
 """
 
 from __future__ import annotations

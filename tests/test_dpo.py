@@ -440,3 +440,7 @@ def test_quickstart_dpo_raises_exact_answers_on_held_out_prompts(tmp_path):
         "rlhf eval policy"))
     assert result["reward_policy"] >= result["reward_reference"] + 0.15, result
     assert result["win_rate"] > 0.5 and result["kl_policy_reference"] > 0
+    # the pipeline's own report says so too (its dpo.eval block: 16 new tokens, as PPO's)
+    b, a = report["heldout"]["before"], report["heldout"]["after"]
+    assert a["eval/greedy/reward"] >= b["eval/greedy/reward"] + 0.15 and a["eval/reward"] > b["eval/reward"], (b, a)
+    assert "The true metric rose." in (out / "report.md").read_text()
