@@ -272,6 +272,19 @@ def _before_after_samples(path: Path, first: int, last: int, n: int = 8) -> list
             for a, b in list(zip(pick(first), pick(last)))[:n]]
 
 
+def _verdict(before: dict, after: dict, stage: str) -> str:
+    """Did the true metric rise, on sampled answers and (when scored) on greedy ones?"""
+    modes = [(name, key) for name, key in (("sampled", "eval/reward"), ("greedy", "eval/greedy/reward"))
+             if key in before and key in after]
+    rose = [name for name, key in modes if after[key] > before[key]]
+    if len(rose) == len(modes):
+        return f"The true metric rose{' with the proxy' if 'eval/proxy' in after else ''}."
+    if not rose:
+        return f"The true metric did not rise: {stage} did not improve what it was meant to."
+    change = ", ".join(f"{name} answers {before[key]:.3f} -> {after[key]:.3f}" for name, key in modes)
+    return f"The true metric rose on {rose[0]} answers only ({change})."
+
+
 def _markdown(r: dict, out: Path) -> str:
     lines = ["# Pipeline report", ""]
     h = r.get("heldout")
@@ -295,10 +308,7 @@ def _markdown(r: dict, out: Path) -> str:
                 ("EOS rate", "eval/eos_rate")]
         lines += [f"| {name} | {b[k]:.3f} | {a[k]:.3f} | {a[k] - b[k]:+.3f} |" for name, k in rows if k in b and k in a]
         lines.append("")
-        lines.append(f"**{h['hacking']}**" if h["hacking"] else
-                     (f"The true metric rose{' with the proxy' if 'eval/proxy' in a else ''}."
-                      if a["eval/reward"] > b["eval/reward"] else
-                      f"The true metric did not rise: {stage} did not improve what it was meant to."))
+        lines.append(f"**{h['hacking']}**" if h["hacking"] else _verdict(b, a, stage))
         if h["hacking_flagged_during_run"]:
             lines.append("\nDuring the run, the proxy rose while the held-out reward fell over an evaluation window "
                          "(eval/hacking in metrics.jsonl).")
