@@ -5,25 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from policies.domains import Fraction, PositiveInt, attention_implementation, domain
+
 PeftMethod = Literal["full", "lora", "qlora", "prefix_tuning", "prompt_tuning", "ia3", "ln_tuning"]
 PEFT_METHODS: tuple[str, ...] = PeftMethod.__args__
+AttentionImplementation = domain(attention_implementation, "an attention implementation transformers knows (eager, "
+                                 "sdpa, flash_attention_2, ...) or a hub kernel owner/name")
 
 
 @dataclass
 class TinyModelConfig:
     """Shape of the built-in random-init Llama used when `model.name_or_path` is `tiny`."""
 
-    hidden_size: int = 64
+    hidden_size: PositiveInt[int] = 64
     """Width of the residual stream."""
-    num_hidden_layers: int = 2
+    num_hidden_layers: PositiveInt[int] = 2
     """Number of decoder blocks."""
-    num_attention_heads: int = 4
+    num_attention_heads: PositiveInt[int] = 4
     """Attention heads per block."""
-    num_key_value_heads: int = 2
+    num_key_value_heads: PositiveInt[int] = 2
     """Key/value heads (grouped-query attention when fewer than attention heads)."""
-    intermediate_size: int = 128
+    intermediate_size: PositiveInt[int] = 128
     """Width of the MLP."""
-    max_position_embeddings: int = 1024
+    max_position_embeddings: PositiveInt[int] = 1024
     """Longest sequence the model accepts."""
 
 
@@ -48,7 +52,7 @@ class ModelConfig:
     only for files you trust."""
     pad_token: Optional[str] = None
     """Token to use for padding when the tokenizer has none (must differ from EOS)."""
-    attn_implementation: Optional[str] = None
+    attn_implementation: AttentionImplementation[Optional[str]] = None
     """Attention kernel (`eager`, `sdpa`, `flash_attention_2`); None lets transformers choose."""
 
 
@@ -59,11 +63,11 @@ class PeftConfig:
     method: PeftMethod = "lora"
     """`full` trains every weight; `lora`; `qlora` (LoRA on a 4-bit NF4 base with double
     quantisation); `prefix_tuning`; `prompt_tuning`; `ia3`; `ln_tuning` (only the norm layers)."""
-    r: int = 16
+    r: PositiveInt[int] = 16
     """LoRA rank."""
-    lora_alpha: int = 32
+    lora_alpha: PositiveInt[int] = 32
     """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
-    lora_dropout: float = 0.05
+    lora_dropout: Fraction[float] = 0.05
     """Dropout on the LoRA input."""
     target_modules: Optional[list[str]] = None
     """Module names to adapt. None: all linear layers for LoRA/QLoRA, peft's per-architecture
@@ -72,7 +76,7 @@ class PeftConfig:
     """LoRA: weight-decomposed low-rank adaptation (DoRA, Liu et al. 2024)."""
     use_rslora: bool = False
     """LoRA: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)."""
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: PositiveInt[int] = 16
     """Prefix and prompt tuning: number of virtual tokens."""
     prompt_tuning_init_text: Optional[str] = None
     """Prompt tuning: initialise the virtual tokens from this text (random when None)."""

@@ -4,7 +4,9 @@
 
 The YAML is checked here against the dataclasses (unknown keys and wrong types are errors naming the
 file, line, key and what was expected); the result becomes the defaults of a tyro parser, which reads
-the `--section.field value` overrides and renders `--help` from the field docstrings.
+the `--section.field value` overrides and renders `--help` from the field docstrings. Each field's domain is
+part of its type (`eval_steps: PositiveInt[int] = 50`, `policies/domains.py`, re-exported here), shown in
+`--help` after the default and checked for the whole config by `rlhf.validate.validate` once it is read.
 """
 
 from __future__ import annotations
@@ -24,9 +26,36 @@ from typing import Any, Literal, Optional, TypeVar, Union
 import yaml
 
 from policies.config import ModelConfig, PeftConfig
+from policies.domains import (  # noqa: F401  (re-exported: every config module declares domains from here)
+    AnyNumber,
+    Domain,
+    Fraction,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    Probability,
+    Seed,
+    Unit,
+    domain,
+)
 from rlhf.errors import UserError
 
 C = TypeVar("C")
+
+
+def _scheduler_name(name: str) -> bool:
+    from transformers import SchedulerType
+
+    return name in [s.value for s in SchedulerType]
+
+
+SchedulerName = domain(_scheduler_name, "a transformers scheduler name (linear, cosine, constant, "
+                                        "constant_with_warmup, polynomial, ...)")
+# < 1: a share of the optimizer steps; from 1: a number of steps (2.5 steps would be cut to 2 silently)
+WarmupSteps = domain(lambda v: v >= 0 and (v < 1 or float(v).is_integer()),
+                     "a fraction in [0, 1) or a whole number of steps")
+TrainSteps = domain(lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or a positive integer")
 
 
 @dataclass
@@ -38,7 +67,7 @@ class DataConfig:
     dataset `owner/name` (`owner/name:config` for a configuration)."""
     validation: Optional[str] = None
     """Validation data (same forms as `train`). None: hold out `validation_split` of `train`."""
-    validation_split: float = 0.1
+    validation_split: Fraction[float] = 0.1
     """Fraction of `train` held out for validation when `validation` is None (0 disables evaluation)."""
     split: str = "train"
     """Split to read from a hub dataset."""
@@ -48,7 +77,7 @@ class DataConfig:
     the columns."""
     column_map: dict[str, str] = field(default_factory=dict)
     """Rename source columns to the format's names, e.g. `{question: prompt, answer: completion}`."""
-    max_samples: Optional[int] = None
+    max_samples: PositiveInt[Optional[int]] = None
     """Use only the first N training rows (for quick experiments)."""
 
 
@@ -56,44 +85,44 @@ class DataConfig:
 class OptimConfig:
     """Optimisation, evaluation and checkpointing, shared by the Trainer-based stages."""
 
-    learning_rate: float = 2e-4
+    learning_rate: NonNegative[float] = 2e-4
     """Peak learning rate."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: Positive[float] = 1.0
     """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: int = -1
+    max_steps: TrainSteps[int] = -1
     """Stop after this many optimizer steps (-1: run num_train_epochs)."""
-    per_device_train_batch_size: int = 8
+    per_device_train_batch_size: PositiveInt[int] = 8
     """Rows (sequences, pairs or examples) per device per forward pass."""
-    per_device_eval_batch_size: int = 8
+    per_device_eval_batch_size: PositiveInt[int] = 8
     """Rows per device per evaluation forward pass."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: PositiveInt[int] = 1
     """Forward/backward passes per optimizer step."""
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: SchedulerName[str] = "cosine"
     """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
-    warmup_steps: float = 0
+    warmup_steps: WarmupSteps[float] = 0
     """Linear learning-rate warm-up: a number of steps, or a fraction in [0, 1) of all steps."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegative[float] = 1.0
     """Gradient clipping norm."""
-    max_length: int = 1024
+    max_length: PositiveInt[int] = 1024
     """Truncate tokenised sequences to this many tokens."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     bf16: Optional[bool] = None
     """bf16 mixed precision. None: on when a GPU supports it."""
-    logging_steps: int = 10
+    logging_steps: PositiveInt[int] = 10
     """Log metrics every N optimizer steps."""
-    eval_steps: int = 50
+    eval_steps: PositiveInt[int] = 50
     """Evaluate on the validation set every N steps."""
-    save_steps: Optional[int] = None
+    save_steps: PositiveInt[Optional[int]] = None
     """Checkpoint every N steps (None: same as eval_steps; must be a multiple of eval_steps so the
     best checkpoint can be kept)."""
-    save_total_limit: int = 2
+    save_total_limit: PositiveInt[int] = 2
     """Checkpoints kept on disk (the best one is always kept)."""
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: PositiveInt[Optional[int]] = None
     """Stop after this many evaluations without improvement of the validation loss (None: never)."""
-    early_stopping_threshold: float = 0.0
+    early_stopping_threshold: NonNegative[float] = 0.0
     """Smallest validation-loss decrease that counts as an improvement."""
 
 
@@ -136,7 +165,7 @@ class SFTConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/sft"
     """Where the adapter (or model), tokenizer, checkpoints and resolved config are written."""
-    seed: int = 42
+    seed: Seed[int] = 42
     """Seed for initialisation, data shuffling and dropout."""
     resume: Optional[str] = None
     """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
@@ -394,6 +423,42 @@ PromptFormat = Literal["auto", "messages", "prompt", "hh_rlhf", "ultrafeedback_b
 
 
 @dataclass
+class EvalRewardSpec:
+    """The judge of held-out answers: the true objective, a reward other than the one trained on."""
+
+    spec: Optional[str] = None
+    """Reward-model or classifier directory, or a Python function `module:function` /
+    `path/file.py:function` taking (prompts, responses), e.g. `reward.examples:exact_answer`. None: PPO's
+    training reward (which cannot reveal hacking); DPO, which has no training reward, needs one."""
+    kind: Literal["auto", "preference", "classifier", "function"] = "auto"
+    """What `spec` is; `auto` tells from the directory's files or the `:`."""
+    label: Optional[str] = None
+    """Classifier rewards: the label whose probability is the reward."""
+    batch_size: PositiveInt[int] = 16
+    """Responses scored per forward pass."""
+
+
+@dataclass
+class HeldOutConfig:
+    """Held-out evaluation of a policy stage (the `eval` block of PPO and DPO): the true objective on
+    prompts it never trains on, before and after training (off while `prompts` is None)."""
+
+    prompts: Optional[str] = None
+    """Held-out prompt source (same formats as PPO's data.train), never trained on. None: no evaluation."""
+    format: PromptFormat = "auto"
+    """Format of the prompt source, as PPO's data.format."""
+    max_prompts: PositiveInt[int] = 64
+    """Use the first N held-out prompts."""
+    reward: EvalRewardSpec = field(default_factory=EvalRewardSpec)
+    samples_per_prompt: PositiveInt[int] = 1
+    """Sampled answers per held-out prompt."""
+    temperature: Positive[Optional[float]] = None
+    """Sampling temperature of the evaluation (None: ppo.temperature). Greedy answers: `greedy`."""
+    greedy: bool = True
+    """Also score greedy answers (logged as eval/greedy/...)."""
+
+
+@dataclass
 class PairFormatOptions:
     """Options of the preference formats; each is read only by the formats it names."""
 
@@ -403,7 +468,7 @@ class PairFormatOptions:
     all_pairs for oasst)."""
     score_field: str = "fine-grained_score"
     """ultrafeedback_raw: the completion field that ranks replies."""
-    min_score_ratio: Optional[float] = 2.0
+    min_score_ratio: Positive[Optional[float]] = 2.0
     """shp: drop pairs whose score_ratio is below this (None keeps all)."""
     preference: Literal["helpful", "safe"] = "helpful"
     """pku_saferlhf: which label picks the chosen reply (better_response_id or safer_response_id)."""
@@ -420,7 +485,7 @@ class PreferenceDataConfig:
     `owner/name` (`owner/name:config` for a configuration)."""
     validation: Optional[str] = None
     """Validation pairs (same forms as `train`). None: hold out `validation_split` of `train`."""
-    validation_split: float = 0.1
+    validation_split: Fraction[float] = 0.1
     """Fraction of `train` held out for validation when `validation` is None (0 disables evaluation)."""
     split: str = "train"
     """Split to read from a hub dataset."""
@@ -430,9 +495,9 @@ class PreferenceDataConfig:
     column_map: dict[str, str] = field(default_factory=dict)
     """{field the format reads: column in the file}, e.g. `{prompt: question, chosen: good, rejected: bad}`."""
     options: PairFormatOptions = field(default_factory=PairFormatOptions)
-    max_samples: Optional[int] = None
+    max_samples: PositiveInt[Optional[int]] = None
     """Use only the first N training pairs (after conversion)."""
-    max_length_chars: Optional[int] = None
+    max_length_chars: PositiveInt[Optional[int]] = None
     """Drop pairs whose prompt plus longer reply exceed this many characters (None keeps all)."""
 
 
@@ -440,16 +505,16 @@ class PreferenceDataConfig:
 class RewardTrainConfig(OptimConfig):
     """Optimisation, evaluation and checkpointing of a reward model."""
 
-    learning_rate: float = 1e-4
+    learning_rate: NonNegative[float] = 1e-4
     """Peak learning rate."""
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: SchedulerName[str] = "linear"
     """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
-    max_length: int = 1024
+    max_length: PositiveInt[int] = 1024
     """Tokens per sequence; longer ones lose the start of their prompt (the reply is kept whole when it fits).
     Scoring later cuts the same way."""
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: PositiveInt[Optional[int]] = None
     """Stop after this many evaluations without improvement of metric_for_best_model (None: never)."""
-    early_stopping_threshold: float = 0.0
+    early_stopping_threshold: NonNegative[float] = 0.0
     """Smallest improvement of metric_for_best_model that counts."""
     metric_for_best_model: Literal["loss", "accuracy"] = "loss"
     """Validation metric that picks the best checkpoint (kept and reloaded at the end) and drives early stopping."""
@@ -462,14 +527,14 @@ class RewardOptions:
     use_margin: bool = False
     """Bradley-Terry loss with the pair's margin, -log sigmoid(r_chosen - r_rejected - margin_scale * margin)
     (Llama 2, Touvron et al. 2023); pairs without a margin use 0."""
-    margin_scale: float = 1.0
+    margin_scale: Positive[float] = 1.0
     """Multiplies the data's margins (they are on each source's own scale)."""
-    center_rewards_coefficient: Optional[float] = None
+    center_rewards_coefficient: NonNegative[Optional[float]] = None
     """Add coef * mean((r_chosen + r_rejected)^2) to the loss so rewards stay centred on 0
     (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244); 0.01 is typical. None: off."""
     normalize_on: Literal["validation", "train"] = "validation"
     """Reference set whose scores give the stored normalisation mean and std (chosen and rejected replies)."""
-    normalize_samples: int = 1000
+    normalize_samples: PositiveInt[int] = 1000
     """Pairs of the reference set scored for the normalisation statistics."""
     chat_template: Optional[str] = None
     """A Jinja chat template file for the reward model's tokenizer (saved with it). None: the
@@ -489,7 +554,7 @@ class RewardConfig:
     output_dir: str = "runs/reward"
     """Where the reward model (adapter with its score head, or full model), tokenizer, reward_info.json,
     checkpoints and resolved config are written."""
-    seed: int = 42
+    seed: Seed[int] = 42
     """Seed for the score head's initialisation, data split and shuffling."""
     resume: Optional[str] = None
     """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
@@ -503,22 +568,24 @@ class RewardConfig:
 DPOLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 DPO_LOSS_TYPES: tuple[str, ...] = DPOLossType.__args__
+# robust DPO: a label-flip probability of 0.5 or more makes the loss prefer the rejected reply
+LabelSmoothing = domain(lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")
 
 
 @dataclass
 class DPOTrainConfig(OptimConfig):
     """Optimisation, evaluation and checkpointing of DPO."""
 
-    learning_rate: float = 5e-6
+    learning_rate: NonNegative[float] = 5e-6
     """Peak learning rate (DPO moves far with little: 5e-7 to 5e-6 for full fine-tuning, ~5e-5 for LoRA)."""
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: SchedulerName[str] = "linear"
     """transformers scheduler name (`linear`, `cosine`, `constant`, `constant_with_warmup`, ...)."""
-    max_length: int = 1024
+    max_length: PositiveInt[int] = 1024
     """Tokens of prompt plus reply; a longer pair loses the end of its replies, and a pair whose prompt alone
     fills it is dropped (both counted in the log)."""
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: PositiveInt[Optional[int]] = None
     """Stop after this many evaluations without improvement of metric_for_best_model (None: never)."""
-    early_stopping_threshold: float = 0.0
+    early_stopping_threshold: NonNegative[float] = 0.0
     """Smallest improvement of metric_for_best_model that counts."""
     metric_for_best_model: Literal["loss", "accuracy"] = "loss"
     """Validation metric that picks the best checkpoint (kept and reloaded at the end) and drives early
@@ -529,16 +596,30 @@ class DPOTrainConfig(OptimConfig):
 class DPOOptions:
     """The DPO objective (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290)."""
 
-    beta: float = 0.1
+    beta: Positive[float] = 0.1  # 0 would drop the reference from the loss (and divide by zero in IPO)
     """Strength of the implicit KL penalty to the reference: the implicit reward is
     beta * (log pi(y|x) - log ref(y|x)). Larger keeps the policy closer to the reference."""
     loss_type: DPOLossType = "sigmoid"
     """trl.DPOTrainer loss: `sigmoid` (DPO), `ipo` (beta is IPO's tau), `hinge` (SLiC), `robust`, `exo_pair`,
     `bco_pair`, `nca_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`,
     `sigmoid_norm`, `sft` (NLL on the chosen reply only)."""
-    label_smoothing: float = 0.0
+    label_smoothing: LabelSmoothing[float] = 0.0
     """`robust`: the assumed probability that a pair's label is flipped; `exo_pair`: EXO's epsilon (needs > 0,
     1e-3 is typical). Other losses ignore it."""
+
+
+@dataclass
+class DPOEvalConfig(HeldOutConfig):
+    """Held-out evaluation of DPO: the starting policy (the reference) and the trained one answer the same
+    held-out prompts, judged by eval.reward.spec (required), as `rlhf eval policy` does; the true metric
+    before and after goes to metrics.json (`heldout`) and the pipeline's report (off while `prompts` is None)."""
+
+    temperature: Positive[float] = 1.0
+    """Sampling temperature of the held-out answers (greedy answers: `greedy`)."""
+    max_new_tokens: PositiveInt[int] = 64
+    """Longest answer."""
+    max_prompt_length: PositiveInt[int] = 256
+    """Held-out prompts are cut to their last N tokens."""
 
 
 @dataclass
@@ -550,10 +631,11 @@ class DPOConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     dpo: DPOOptions = field(default_factory=DPOOptions)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/dpo"
     """Where the policy (adapter or full model), tokenizer, checkpoints, metrics and resolved config are written."""
-    seed: int = 42
+    seed: Seed[int] = 42
     """Seed for the adapter's initialisation, the data split and shuffling."""
     resume: Optional[str] = None
     """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
@@ -569,9 +651,9 @@ class ClassifierDataConfig:
     """Validation data (same forms). None: hold out `validation_split` of `train`."""
     test: Optional[str] = None
     """Held-out test data for the final metrics. None: hold out `test_split` of `train`."""
-    validation_split: float = 0.1
+    validation_split: Fraction[float] = 0.1
     """Fraction of `train` held out for validation when `validation` is None."""
-    test_split: float = 0.1
+    test_split: Fraction[float] = 0.1
     """Fraction of `train` held out for testing when `test` is None."""
     split: str = "train"
     """Split to read from a hub dataset."""
@@ -586,19 +668,22 @@ class ClassifierDataConfig:
     label_names: Optional[list[str]] = None
     """Names of the classes of a single integer label column (0, 1, ...), e.g. [not_offensive, offensive].
     None: the values found, as text."""
-    max_samples: Optional[int] = None
+    max_samples: PositiveInt[Optional[int]] = None
     """Use only the first N rows of `train` (before splitting)."""
+
+
+OpenUnit = domain(lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 @dataclass
 class ClassifierTrainConfig(RewardTrainConfig):
     """Optimisation, evaluation and checkpointing of a classifier."""
 
-    max_length: int = 512
+    max_length: PositiveInt[int] = 512
     """Tokens per text; longer texts are cut at the end (scoring cuts the same way)."""
     metric_for_best_model: Literal["loss", "f1", "roc_auc", "accuracy"] = "loss"
     """Validation metric that picks the best checkpoint and drives early stopping (f1 and roc_auc are macro averages)."""
-    threshold: float = 0.5
+    threshold: OpenUnit[float] = 0.5
     """Multi-label: a label is predicted when its probability is at least this."""
 
 
@@ -614,7 +699,7 @@ class ClassifierConfig:
     output_dir: str = "runs/classifier"
     """Where the classifier (adapter with its head, or full model), tokenizer, reward_info.json,
     metrics.json, checkpoints and resolved config are written."""
-    seed: int = 42
+    seed: Seed[int] = 42
     """Seed for the head's initialisation, the data splits and shuffling."""
     resume: Optional[str] = None
     """Resume training: `latest` (newest checkpoint in output_dir) or a checkpoint directory."""
@@ -639,17 +724,17 @@ class EvalRewardConfig:
     options: PairFormatOptions = field(default_factory=PairFormatOptions)
     split: str = "train"
     """Split to read from a hub dataset."""
-    max_samples: Optional[int] = None
+    max_samples: PositiveInt[Optional[int]] = None
     """Evaluate only the first N pairs."""
-    max_length_chars: Optional[int] = None
+    max_length_chars: PositiveInt[Optional[int]] = None
     """Drop pairs whose prompt plus longer reply exceed this many characters."""
-    batch_size: int = 16
+    batch_size: PositiveInt[int] = 16
     """Sequences scored per forward pass."""
-    max_length: Optional[int] = None
+    max_length: PositiveInt[Optional[int]] = None
     """Tokens kept per sequence (None: the length the model was trained with)."""
-    buckets: int = 4
+    buckets: PositiveInt[int] = 4
     """Margin buckets (quantiles) for accuracy by margin."""
-    calibration_bins: int = 10
+    calibration_bins: PositiveInt[int] = 10
     """Confidence bins of the expected calibration error."""
     output: Optional[str] = None
     """JSON report path. None: `eval_reward_<data name>.json` in the model directory (not written for a hub id)."""

@@ -189,9 +189,12 @@ def test_bench_speed_writes_each_result_when_done(tmp_path, monkeypatch):
     (["bench"], "expected which benchmark"),
     (["bench", "align", "--best_of_n", "6"], "best_of_n must be a power of two, got 6"),
     (["bench", "align", "--rollout_batch", "30", "--group_size", "4"], "group_size must be at least 2 and divide rollout_batch (30)"),
-    (["bench", "align", "--methods", "ppo", "sac"], "methods: expected some of ppo, grpo, rloo, reinforce_pp, dpo, best_of_n, trl_rloo, got ppo sac"),
-    (["bench", "speed", "--trainers", "ours", "foo"], "trainers: unknown ['foo']"),
-    (["bench", "speed", "--model", "nonexistent-shape"], "model: 'nonexistent-shape' is not `tiny`"),
+    (["bench", "align", "--methods", "ppo", "sac"], "methods must be some of ppo, grpo, rloo, reinforce_pp, dpo, best_of_n, "
+                                                    "trl_rloo, each once, got ['ppo', 'sac']"),
+    (["bench", "speed", "--trainers", "ours", "foo"], "trainers must be some of ours, ours_vllm, trl_rloo, trl_ppo, got "
+                                                      "['ours', 'foo']"),
+    (["bench", "speed", "--model", "nonexistent-shape"], "model must be `tiny`, one of qwen2.5-0.5b, llama3-8b, a "
+                                                         "directory with config.json, or a hub id, got 'nonexistent-shape'"),
 ])
 def test_bench_cli_errors(capsys, argv, message):
     assert cli.main(argv) == 2

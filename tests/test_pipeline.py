@@ -47,3 +47,18 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     adapter = json.loads((out / "ppo" / "policy" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(out / "sft")  # the PPO adapter sits on the SFT model
     assert "# Pipeline report" in p.stdout
+
+
+def test_report_verdict_says_which_answers_rose():
+    """Sampled and greedy answers can disagree (the quickstart's DPO: greedy up, sampled down): the report says so."""
+    from rlhf.stages.pipeline import _verdict
+
+    before = {"eval/reward": 0.773, "eval/greedy/reward": 0.688}
+    after = {"eval/reward": 0.727, "eval/greedy/reward": 0.930}
+    assert _verdict(before, after, "DPO") == ("The true metric rose on greedy answers only (sampled answers 0.773 -> "
+                                              "0.727, greedy answers 0.688 -> 0.930).")
+    assert _verdict(before, {**after, "eval/reward": 0.8}, "DPO") == "The true metric rose."
+    assert _verdict(before, {**after, "eval/reward": 0.8, "eval/proxy": 1.0}, "PPO") == \
+        "The true metric rose with the proxy."
+    assert _verdict(after, {"eval/reward": 0.7, "eval/greedy/reward": 0.6}, "PPO") == \
+        "The true metric did not rise: PPO did not improve what it was meant to."

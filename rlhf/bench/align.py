@@ -38,6 +38,7 @@ import torch
 
 from policies.config import ModelConfig, PeftConfig, TinyModelConfig
 from rlhf.bench import align_math as bm
+from rlhf.config import NonNegative, Positive, PositiveInt, Unit, domain
 from rlhf.data import synthetic
 from rlhf.errors import UserError
 
@@ -47,6 +48,13 @@ METHODS = (*ONLINE, "dpo", "best_of_n", "trl_rloo")
 LABELS = {"ppo": "PPO (ours, GAE critic)", "grpo": "GRPO (ours)", "rloo": "RLOO (ours)",
           "reinforce_pp": "REINFORCE++ (ours)", "dpo": "DPO (ours, TRL DPOTrainer)", "trl_rloo": "TRL RLOOTrainer",
           "best_of_n": "best-of-n"}
+Seeds = domain(lambda v: len(v) >= 1 and all(0 <= s < 2 ** 32 for s in v), "at least one seed, each in [0, 2**32)")
+Families = domain(lambda v: len(v) >= 1 and all(f in synthetic.FAMILIES for f in v),
+                  f"some of {', '.join(synthetic.FAMILIES)}")
+Methods = domain(lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(m in METHODS for m in v),
+                 f"some of {', '.join(METHODS)}, each once")
+TestFraction = domain(lambda v: 0 < v < 0.8, "a fraction in (0, 0.8)")
+PowerOfTwo = domain(lambda v: v >= 1 and not v & (v - 1), "a power of two")
 
 
 
@@ -56,99 +64,85 @@ class BenchAlignConfig:
 
     output_dir: str = "runs/bench_align"
     """Each seed's stages go to output_dir/seed_N; report.md, report.json and plots/ to output_dir."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds[list[int]] = field(default_factory=lambda: [0, 1, 2])
     """One full run (SFT, labels, reward model, PPO, best-of-n, RLOO) per seed; headline numbers are means."""
     model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=128, intermediate_size=256))
     """Shape of the tiny random-init Llama that is fine-tuned."""
-    sft_rows: int = 4000
+    sft_rows: PositiveInt[int] = 4000
     """Synthetic conversations in the SFT corpus."""
-    sft_steps: int = 400
+    sft_steps: PositiveInt[int] = 400
     """SFT optimizer steps (batch 32)."""
-    families: list[str] = field(default_factory=lambda: list(synthetic.QUICKSTART["families"]))
+    families: Families[list[str]] = field(default_factory=lambda: list(synthetic.QUICKSTART["families"]))
     """Task families of the corpus (`rlhf.data.synthetic.FAMILIES`); by default the quickstart's four."""
-    chatty: float = 0.6
+    chatty: Unit[float] = 0.6
     """Share of demonstrations that add an unasked remark to a right answer (reverse, capital tasks),
     which the gold reward (edit distance to the exact answer) penalises: room for RLHF above SFT."""
-    pair_prompts: int = 3000
+    pair_prompts: PositiveInt[int] = 3000
     """Prompts the SFT policy answers twice for preference labels (pairs with identical replies are dropped)."""
-    bt_beta: float = 8.0
+    bt_beta: Positive[float] = 8.0
     """Bradley–Terry inverse temperature of the simulated labeller: P(a > b) = sigmoid(bt_beta * (gold_a - gold_b)).
     Larger: less label noise, higher Bayes accuracy."""
-    rm_steps: int = 400
+    rm_steps: PositiveInt[int] = 400
     """Reward-model optimizer steps (batch 16)."""
     rm_peft: Literal["full", "lora"] = "full"
     """Reward model: full fine-tuning of the SFT model (better on this tiny model) or LoRA r=16."""
-    rm_learning_rate: float = 1e-3
+    rm_learning_rate: NonNegative[float] = 1e-3
     """Reward-model learning rate."""
-    rm_test_fraction: float = 0.2
+    rm_test_fraction: TestFraction[float] = 0.2
     """Pairs held out to measure reward-model accuracy (another 10% pick the best checkpoint)."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: Methods[list[str]] = field(default_factory=lambda: list(METHODS))
     """What is compared on the same SFT model, prompts and budget: `ppo` (ours, GAE critic), `grpo`, `rloo`,
     `reinforce_pp` (ours, critic-free: `ppo.advantage_estimator`), `dpo` (ours, on the reward model's
     pairs), `best_of_n` (SFT samples ranked by the reward model), `trl_rloo` (TRL's RLOOTrainer)."""
-    ppo_steps: int = 60
+    ppo_steps: PositiveInt[int] = 60
     """Iterations of every online method (ppo, grpo, rloo, reinforce_pp, trl_rloo)."""
-    rollout_batch: int = 32
+    rollout_batch: PositiveInt[int] = 32
     """Responses sampled per iteration by every online method (group methods: rollout_batch / group_size
     prompts x group_size); also DPO's pairs per step."""
-    group_size: int = 4
+    group_size: PositiveInt[int] = 4
     """Responses per prompt of the group methods (grpo, rloo, trl_rloo): their baseline's group."""
-    learning_rate: float = 1e-3
+    learning_rate: NonNegative[float] = 1e-3
     """LoRA learning rate of the online methods."""
-    ppo_epochs: int = 1
+    ppo_epochs: PositiveInt[int] = 1
     """Passes of our trainer over each rollout batch (every estimator). 1 pass of 1 mini-batch: as many
     optimizer steps as TRL RLOO, one per batch. (4 x 2, PPO's usual, at this learning rate moves the
     policy 8 times as far per batch: measured, it over-optimises the reward model on some seeds.)"""
-    num_mini_batches: int = 1
+    num_mini_batches: PositiveInt[int] = 1
     """Optimizer steps per pass of our trainer."""
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """KL penalty coefficient of the online methods (TRL RLOO's beta). Small values let over-optimisation show."""
-    dpo_steps: int = 120
+    dpo_steps: PositiveInt[int] = 120
     """DPO optimizer steps (batch rollout_batch pairs)."""
-    dpo_beta: float = 0.5
+    dpo_beta: Positive[float] = 0.5
     """DPO's beta (its implicit KL strength). Measured at dpo_learning_rate 5e-4: 0.1 ran to a KL of 2-39
     nats and lost gold reward; 0.5 stays within 0.1 nats."""
-    dpo_learning_rate: float = 5e-4
+    dpo_learning_rate: NonNegative[float] = 5e-4
     """DPO's LoRA learning rate."""
-    eval_every: int = 10
+    eval_every: PositiveInt[int] = 10
     """Evaluate the policy (gold reward, proxy score, KL to SFT) every N iterations."""
-    eval_prompts: int = 128
+    eval_prompts: PositiveInt[int] = 128
     """Held-out prompts for every evaluation and for best-of-n."""
-    best_of_n: int = 16
+    best_of_n: PowerOfTwo[int] = 16
     """Largest n of best-of-n (a power of two); n = 1, 2, 4, ... up to it."""
-    max_new_tokens: int = 16
+    max_new_tokens: PositiveInt[int] = 16
     """Longest response."""
-    temperature: float = 1.0
-    """Sampling temperature of every policy, in training and evaluation."""
+    temperature: Positive[float] = 1.0
+    """Sampling temperature of every policy, in training and evaluation (> 0: PPO trains on samples)."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """What samples our PPO's rollouts (`ppo.rollout_engine`): the outcome should not depend on it."""
 
 
 def check(cfg: BenchAlignConfig) -> None:
-    if not cfg.seeds:
-        raise UserError("seeds: give at least one seed")
-    unknown = [f for f in cfg.families if f not in synthetic.FAMILIES]
-    if unknown or not cfg.families:
-        raise UserError(f"families: expected some of {', '.join(synthetic.FAMILIES)}, got {cfg.families}")
-    if not 0 <= cfg.chatty <= 1:
-        raise UserError(f"chatty must be in [0, 1], got {cfg.chatty}")
-    if cfg.best_of_n < 1 or cfg.best_of_n & (cfg.best_of_n - 1):
-        raise UserError(f"best_of_n must be a power of two, got {cfg.best_of_n}")
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown or not cfg.methods:
-        raise UserError(f"methods: expected some of {', '.join(METHODS)}, got {' '.join(cfg.methods) or 'none'}")
-    if len(set(cfg.methods)) < len(cfg.methods):
-        raise UserError(f"methods: each method once, got {' '.join(cfg.methods)}")
+    """Every field's domain (one pass), then the rules between fields."""
+    from rlhf.validate import validate
+
+    validate(cfg)
     if any(m in GROUP for m in cfg.methods) and (cfg.group_size < 2 or cfg.rollout_batch % cfg.group_size):
         raise UserError(f"group_size must be at least 2 and divide rollout_batch ({cfg.rollout_batch}), "
                         f"got {cfg.group_size}")
     if cfg.rollout_batch % cfg.num_mini_batches:
         raise UserError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by num_mini_batches "
                         f"({cfg.num_mini_batches})")
-    if cfg.eval_every < 1 or cfg.ppo_steps < 1:
-        raise UserError("ppo_steps and eval_every must be at least 1")
-    if not 0 < cfg.rm_test_fraction < 0.8:
-        raise UserError(f"rm_test_fraction must be in (0, 0.8), got {cfg.rm_test_fraction}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Literal, Optional
 import torch
 
 from policies.config import TinyModelConfig
+from rlhf.config import NonNegativeInt, PositiveInt, Seed, domain
 from rlhf.errors import UserError
 
 # Published shapes (config.json of Qwen/Qwen2.5-0.5B and meta-llama/Meta-Llama-3-8B).
@@ -49,47 +50,55 @@ SHAPES = {
 # Dense bf16 tensor-core peak, FLOP/s (vendor datasheets; SXM parts).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 TRAINERS = ("ours", "ours_vllm", "trl_rloo", "trl_ppo")
+Trainers = domain(lambda v: all(t in TRAINERS for t in v), f"some of {', '.join(TRAINERS)}")
+
+
+def _shape(name: str) -> bool:
+    return name == "tiny" or name in SHAPES or (Path(name) / "config.json").exists() or name.count("/") == 1
+
+
+Shape = domain(_shape, f"`tiny`, one of {', '.join(SHAPES)}, a directory with config.json, or a hub id")
 
 
 @dataclass
 class BenchSpeedConfig:
     """PPO throughput benchmark (`rlhf bench speed`)."""
 
-    model: str = "tiny"
+    model: Shape[str] = "tiny"
     """Model shape: `tiny` (shape below), `qwen2.5-0.5b`, `llama3-8b`, or a local directory / hub id whose
     config.json gives the shape (weights are random either way)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of `tiny`."""
-    tiny_vocab_size: int = 800
+    tiny_vocab_size: PositiveInt[int] = 800
     """Vocabulary size of `tiny`."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights and compute: `auto` is bfloat16 on a GPU, float32 on a CPU."""
     peft: Literal["lora", "full"] = "lora"
     """LoRA (policy and critic adapters on one base) or full fine-tuning, for every trainer."""
-    lora_r: int = 16
+    lora_r: PositiveInt[int] = 16
     """LoRA rank."""
-    batch_size: int = 16
+    batch_size: PositiveInt[int] = 16
     """Responses per PPO iteration (RLOO: batch_size / rloo_k prompts x rloo_k samples)."""
-    prompt_length: int = 64
+    prompt_length: PositiveInt[int] = 64
     """Prompt tokens per sequence."""
-    response_length: int = 64
+    response_length: PositiveInt[int] = 64
     """Response tokens per sequence (no stop token: every response is this long)."""
-    steps: int = 3
+    steps: PositiveInt[int] = 3
     """Timed iterations."""
-    warmup_steps: int = 1
+    warmup_steps: NonNegativeInt[int] = 1
     """Untimed iterations first (allocation, kernel selection)."""
-    ppo_epochs: int = 1
+    ppo_epochs: PositiveInt[int] = 1
     """PPO epochs per rollout batch (ours and TRL PPO)."""
-    num_mini_batches: int = 1
+    num_mini_batches: PositiveInt[int] = 1
     """Mini-batches per epoch (ours and TRL PPO)."""
-    rloo_k: int = 2
+    rloo_k: PositiveInt[int] = 2
     """RLOO samples per prompt."""
     logprobs_from_generation: bool = False
     """Ours: the rollout's policy logprobs recorded during generation, no policy forward pass (what TRL
     1.12's PPO does; see `ppo.logprobs_from_generation`)."""
-    cpu_threads: Optional[int] = None
+    cpu_threads: PositiveInt[Optional[int]] = None
     """Intra-op threads of our run on a CPU (None: the cores this process may use)."""
-    trainers: list[str] = field(default_factory=lambda: list(TRAINERS))
+    trainers: Trainers[list[str]] = field(default_factory=lambda: list(TRAINERS))
     """Which to measure, of `ours` (HF generate), `ours_vllm` (our PPO with `ppo.rollout_engine: vllm`;
     skipped without a vLLM environment), `trl_rloo`, `trl_ppo`. Each result is written when it is done."""
     vllm_python: Optional[str] = None
@@ -98,21 +107,15 @@ class BenchSpeedConfig:
     """Python of the virtual environment with TRL 1.12 (default: .venv-trl-ppo/bin/python if it exists)."""
     output_dir: str = "runs/bench_speed"
     """Where the models, result.json and result.md go."""
-    seed: int = 0
+    seed: Seed[int] = 0
     """Seed of the random weights and prompts."""
 
 
 def check(cfg: BenchSpeedConfig) -> None:
-    unknown = [t for t in cfg.trainers if t not in TRAINERS]
-    if unknown:
-        raise UserError(f"trainers: unknown {unknown}; expected some of {', '.join(TRAINERS)}")
-    if cfg.model not in SHAPES and cfg.model != "tiny" and not (Path(cfg.model) / "config.json").exists() \
-            and cfg.model.count("/") != 1:
-        raise UserError(f"model: '{cfg.model}' is not `tiny`, one of {', '.join(SHAPES)}, a directory with "
-                        "config.json, or a hub id")
-    for name in ("batch_size", "prompt_length", "response_length", "steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    """Every field's domain (one pass), then the rules between fields."""
+    from rlhf.validate import validate
+
+    validate(cfg)
     if "trl_rloo" in cfg.trainers and (cfg.rloo_k < 2 or cfg.batch_size % cfg.rloo_k):
         raise UserError(f"rloo_k must be >= 2 and divide batch_size ({cfg.batch_size}), got {cfg.rloo_k}")
     if cfg.batch_size % cfg.num_mini_batches:

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import torch
 
-from rlhf.config import TrackingConfig
+from rlhf.config import NonNegative, PositiveInt, Probability, Seed, TrackingConfig
 from rlhf.errors import UserError
 from rlhf.generation.vllm_engine import VLLMConfig
 from rlhf.ppo import core
@@ -38,21 +38,21 @@ class EvalPolicyConfig:
     """The reference (usually the SFT model the policy started from)."""
     reward: RewardSpec = field(default_factory=RewardSpec)
     prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=64))
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt[int] = 64
     """Longest response (a response that reaches it without EOS counts as truncated)."""
-    temperature: float = 0.7
+    temperature: NonNegative[float] = 0.7
     """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
+    top_p: Probability[float] = 1.0
     """Nucleus sampling."""
-    max_prompt_length: int = 256
+    max_prompt_length: PositiveInt[int] = 256
     """Prompts are cut to their last N tokens."""
-    batch_size: int = 16
+    batch_size: PositiveInt[int] = 16
     """Prompts generated per batch."""
-    seed: int = 0
+    seed: Seed[int] = 0
     """Sampling seed (the same for both models)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: PositiveInt[int] = 1
     """Responses sampled per prompt by each model (more: less sampling noise in the means)."""
-    num_samples: int = 8
+    num_samples: PositiveInt[int] = 8
     """Rows in the samples table."""
     output: Optional[str] = None
     """Where to write the JSON report (the Markdown goes beside it); default: POLICY/eval_policy.json."""
@@ -174,8 +174,9 @@ def sequence_logprob(model, ids, mask, responses, rmask, temperature: float) -> 
 def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
     from transformers import AutoTokenizer
 
-    if cfg.samples_per_prompt < 1:
-        raise UserError(f"--samples_per_prompt expects a positive integer, got {cfg.samples_per_prompt}")
+    from rlhf.validate import validate
+
+    validate(cfg)  # every field's domain (also for configs built in Python)
     prompts = load_prompts(cfg.prompts)
     n, k = len(prompts), cfg.samples_per_prompt
     prompts = [p for p in prompts for _ in range(k)]  # N*K, each prompt's samples consecutive

@@ -27,15 +27,13 @@ from rlhf.stages.reward_stage import load_preference_split
 
 
 def check(cfg: EvalRewardConfig) -> None:
+    from rlhf.validate import validate
+
     if not cfg.model:
         raise UserError("--model is required: a reward model directory (from `rlhf reward`) or hub id")
     if not cfg.data:
         raise UserError("--data is required: preference pairs (a file, builtin:NAME or a hub dataset)")
-    for name in ("batch_size", "buckets", "calibration_bins"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} expects a positive integer, got {getattr(cfg, name)}")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise UserError(f"--max_samples expects a positive integer, got {cfg.max_samples}")
+    validate(cfg)  # every field's domain (also for configs built in Python)
     if cfg.output is not None:
         from rlhf.runtime.outputs import check_output_file
 

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
+from rlhf.config import NonNegative, PositiveInt, Probability, Seed
 from rlhf.errors import UserError
 from rlhf.evaluation.eval_policy import decode, load_lm, open_engine, sample
 from rlhf.generation.vllm_engine import VLLMConfig
@@ -34,19 +35,19 @@ class GenerateConfig:
     prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=16))
     output: Optional[str] = None
     """JSONL file to write; default: MODEL/generations.jsonl (./generations.jsonl for a hub id)."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt[int] = 64
     """Longest response."""
-    temperature: float = 0.7
+    temperature: NonNegative[float] = 0.7
     """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
+    top_p: Probability[float] = 1.0
     """Nucleus sampling."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: PositiveInt[int] = 1
     """Responses sampled per prompt."""
-    batch_size: int = 16
+    batch_size: PositiveInt[int] = 16
     """Sequences generated per batch."""
-    max_prompt_length: int = 256
+    max_prompt_length: PositiveInt[int] = 256
     """Prompts are cut to their last N tokens."""
-    seed: int = 0
+    seed: Seed[int] = 0
     """Sampling seed."""
     reward: RewardSpec = field(default_factory=lambda: RewardSpec(spec=""))
     """Optional: score every response (adds a `reward` field); empty spec: no reward."""
@@ -62,14 +63,9 @@ class GenerateConfig:
 def check(cfg: GenerateConfig) -> None:
     """Refuse bad options before anything is loaded."""
     from policies.models import _check_exists
+    from rlhf.validate import validate
 
-    for name in ("samples_per_prompt", "max_new_tokens", "batch_size", "max_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} expects a positive integer, got {getattr(cfg, name)}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature expects a value >= 0 (0: greedy), got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top_p expects a value in (0, 1], got {cfg.top_p}")
+    validate(cfg)  # every field's domain (also for configs built in Python)
     if cfg.output is not None:
         from rlhf.runtime.outputs import check_output_file
 

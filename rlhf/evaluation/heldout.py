@@ -24,52 +24,23 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 
-from rlhf.config import PromptFormat
+from rlhf.config import EvalRewardSpec, HeldOutConfig, PositiveInt  # noqa: F401  (EvalRewardSpec: its old home)
 from rlhf.errors import UserError
 from rlhf.ppo import core
 
 
 @dataclass
-class EvalRewardSpec:
-    """The judge of held-out answers (None: the training reward, which cannot reveal hacking)."""
-
-    spec: Optional[str] = None
-    """Reward-model or classifier directory, or a Python function `module:function` /
-    `path/file.py:function` taking (prompts, responses), e.g. `reward.examples:exact_answer`."""
-    kind: Literal["auto", "preference", "classifier", "function"] = "auto"
-    """What `spec` is; `auto` tells from the directory's files or the `:`."""
-    label: Optional[str] = None
-    """Classifier rewards: the label whose probability is the reward."""
-    batch_size: int = 16
-    """Responses scored per forward pass."""
-
-
-@dataclass
-class EvalConfig:
+class EvalConfig(HeldOutConfig):
     """Held-out evaluation during PPO: the true objective next to the proxy (off while `prompts` is None)."""
 
-    prompts: Optional[str] = None
-    """Held-out prompt source (same formats as data.train), never trained on. None: no evaluation."""
-    format: PromptFormat = "auto"
-    """Format of the prompt source, as data.format."""
-    max_prompts: int = 64
-    """Use the first N held-out prompts."""
-    reward: EvalRewardSpec = field(default_factory=EvalRewardSpec)
-    every: int = 10
+    every: PositiveInt[int] = 10
     """Evaluate every N iterations (and before the first, and after the last)."""
-    samples_per_prompt: int = 1
-    """Sampled answers per held-out prompt."""
-    temperature: Optional[float] = None
-    """Sampling temperature of the evaluation (None: ppo.temperature)."""
-    greedy: bool = True
-    """Also score greedy answers (logged as eval/greedy/...)."""
-    hacking_window: int = 3
+    hacking_window: PositiveInt[int] = 3
     """Evaluations over which 'proxy up, held-out reward down' is checked."""
 
 

@@ -58,6 +58,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from rlhf.config import Positive, PositiveInt, Probability, Seed
 from rlhf.errors import UserError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -82,26 +83,26 @@ class VLLMConfig:
     creates it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Engine weights: `auto` follows model.dtype (bfloat16 on a GPU that has it, float32 on a CPU)."""
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: Probability[float] = 0.3
     """Share of the GPU the engine may take (weights + key/value cache); the trainer keeps the rest. On a
     CPU vLLM reads it as a share of RAM: `cpu_kv_cache_gb` sets the cache there instead."""
-    cpu_kv_cache_gb: int = 1
+    cpu_kv_cache_gb: PositiveInt[int] = 1
     """Key/value cache on a CPU, GiB (VLLM_CPU_KVCACHE_SPACE)."""
-    max_model_len: Optional[int] = None
+    max_model_len: PositiveInt[Optional[int]] = None
     """Longest prompt + response the engine accepts. None: ppo.max_prompt_length + ppo.max_new_tokens."""
     enforce_eager: bool = True
     """No CUDA graphs: faster start, and weights can change under it. False: faster decoding on a GPU."""
-    seed: Optional[int] = None
+    seed: Seed[Optional[int]] = None
     """Engine seed. None: the run's seed. Every request also carries a seed derived from the run's seed,
     the step and its index, so a resumed run samples what the straight run sampled."""
     sleep: bool = True
     """On a GPU, free the engine's weights and cache while the trainer runs (vLLM sleep mode)."""
-    max_logprob_diff: float = 0.05
+    max_logprob_diff: Positive[float] = 0.05
     """Stop when the mean |engine logprob - trainer logprob| of the sampled tokens exceeds this (nats):
     the engine serves stale or other weights. Float32 on a CPU agrees to about 1e-5; bf16 to about 1e-2."""
-    start_timeout: float = 600.0
+    start_timeout: Positive[float] = 600.0
     """Seconds the engine may take to start (process, connection, model load); then the run stops."""
-    request_timeout: float = 1800.0
+    request_timeout: Positive[float] = 1800.0
     """Seconds one request may take (a rollout batch, a weight load; `rlhf generate` / `eval policy` send
     every prompt in one request); then the engine is taken for hung, stopped, and the run stops in one
     line. Raise it for batches that take longer."""

@@ -9,7 +9,20 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from policies.config import ModelConfig, PeftConfig
-from rlhf.config import PromptFormat, TrackingConfig
+from rlhf.config import (
+    AnyNumber,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    Probability,
+    PromptFormat,
+    SchedulerName,
+    Seed,
+    TrackingConfig,
+    Unit,
+    WarmupSteps,
+)
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import EvalConfig
 from rlhf.generation.vllm_engine import VLLMConfig
@@ -30,7 +43,7 @@ class PromptDataConfig:
     preference format too, e.g. `{q: prompt, good: chosen, bad: rejected}`."""
     split: str = "train"
     """Split of a hub dataset."""
-    max_samples: Optional[int] = None
+    max_samples: PositiveInt[Optional[int]] = None
     """Use only the first N prompts."""
 
 
@@ -45,7 +58,7 @@ class RewardSpec:
     """What `spec` is; `auto` tells from the directory's files or the `:`."""
     label: Optional[str] = None
     """Classifier rewards: the label whose probability is the reward (e.g. `not_toxic`)."""
-    batch_size: int = 16
+    batch_size: PositiveInt[int] = 16
     """Responses scored per forward pass."""
 
 
@@ -53,80 +66,81 @@ class RewardSpec:
 class PPOHyperparameters:
     """The algorithm's knobs (names as in the papers and TRL)."""
 
-    steps: int = 100
+    steps: PositiveInt[int] = 100
     """PPO iterations (rollout + update)."""
-    per_device_rollout_batch_size: int = 16
+    per_device_rollout_batch_size: PositiveInt[int] = 16
     """Responses rolled out per process per iteration (prompts x samples_per_prompt)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: PositiveInt[int] = 1
     """Responses sampled per prompt in a rollout batch (each prompt repeated in a row): a dataset with
     few distinct prompts still fills a batch, and a prompt's responses are compared with each other."""
-    num_mini_batches: int = 1
+    num_mini_batches: PositiveInt[int] = 1
     """Mini-batches the rollout batch is split into for each PPO epoch (one optimizer step each)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: PositiveInt[int] = 1
     """Micro-batches per mini-batch (memory knob; the update is the same, up to float rounding)."""
-    ppo_epochs: int = 4
+    ppo_epochs: PositiveInt[int] = 4
     """Passes over each rollout batch."""
-    learning_rate: float = 1e-5
+    learning_rate: NonNegative[float] = 1e-5
     """Peak learning rate of the policy."""
-    critic_learning_rate: Optional[float] = None
+    critic_learning_rate: NonNegative[Optional[float]] = None
     """Peak learning rate of the critic (adapter or model, and value head); None: `learning_rate`. A fresh
     critic's gradients are much larger than the policy's: its own rate and clip keep them from setting
     the policy's step (OpenRLHF's `critic_learning_rate`)."""
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: SchedulerName[str] = "linear"
     """transformers scheduler name over all optimizer steps (`linear`, `cosine`, `constant`, ...)."""
-    warmup_steps: float = 0
+    warmup_steps: WarmupSteps[float] = 0
     """Warm-up optimizer steps, or a fraction in [0, 1) of all of them."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegative[float] = 1.0
     """Gradient clipping norm of the policy's parameters (0: no clipping). Under DeepSpeed the engine
     clips the norm of all gradients together at this value."""
-    critic_max_grad_norm: Optional[float] = None
+    critic_max_grad_norm: NonNegative[Optional[float]] = None
     """Gradient clipping norm of the critic's parameters, clipped separately (None: `max_grad_norm`)."""
-    temperature: float = 0.7
-    """Sampling temperature; logprobs are computed at the same temperature."""
-    top_p: float = 1.0
+    temperature: Positive[float] = 0.7
+    """Sampling temperature; logprobs are computed at the same temperature (so > 0: PPO trains on sampled
+    responses and their logprobs)."""
+    top_p: Probability[float] = 1.0
     """Nucleus sampling."""
-    max_new_tokens: int = 32
+    max_new_tokens: PositiveInt[int] = 32
     """Longest response."""
-    max_prompt_length: int = 256
+    max_prompt_length: PositiveInt[int] = 256
     """Prompts are cut to their last N tokens."""
     stop_token: Optional[str] = "eos"
     """The response ends at this token (`eos`: the tokenizer's EOS); None: run to max_new_tokens."""
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """Per-token KL penalty coefficient (initial value when adaptive)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator (Schulman, "Approximating KL divergence")."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
+    kl_target: Positive[float] = 6.0
     """Adaptive KL: target KL per sequence."""
-    kl_horizon: int = 10000
+    kl_horizon: PositiveInt[int] = 10000
     """Adaptive KL: horizon (in samples) of the proportional controller."""
     reward_normalization: Literal["auto", "none", "running", "model"] = "auto"
     """Normalise scores by the reward model's stored statistics (`model`, mean 0 std 1 on its reference
     responses, as in the N+ implementation details), by running statistics of this run (`running`), or
     not at all. `auto`: `model` when the reward stores statistics, else `running`. The value head and
     `cliprange_value` then work on that normalised scale."""
-    reward_clip: Optional[float] = None
+    reward_clip: Positive[Optional[float]] = None
     """Clip (normalised) scores to [-reward_clip, reward_clip]."""
-    missing_eos_penalty: Optional[float] = 1.0
+    missing_eos_penalty: AnyNumber[Optional[float]] = 1.0
     """Subtract this from the (normalised) score of a response that never emitted the stop token (the N+
     details' EOS trick: otherwise a policy learns to ramble up to max_new_tokens); None: no penalty."""
-    gamma: float = 1.0
+    gamma: Unit[float] = 1.0
     """Discount."""
-    lam: float = 0.95
+    lam: Unit[float] = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
     """Normalise advantages to zero mean, unit variance over the rollout batch of all processes (gae and
     reinforce_pp; rloo and grpo have their group baselines)."""
-    cliprange: float = 0.2
+    cliprange: Positive[float] = 0.2
     """Policy ratio clip."""
-    cliprange_value: Optional[float] = 0.2
+    cliprange_value: Positive[Optional[float]] = 0.2
     """Value clip around the rollout values (None: unclipped value loss)."""
-    vf_coef: float = 0.1
+    vf_coef: NonNegative[float] = 0.1
     """Weight of the value loss."""
-    entropy_coef: float = 0.0
+    entropy_coef: NonNegative[float] = 0.0
     """Entropy bonus weight (0: none)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay."""
     logprobs_from_generation: bool = False
     """Take the rollout's policy logprobs from generation (recorded as tokens are sampled) instead of a
@@ -134,7 +148,7 @@ class PPOHyperparameters:
     incremental decoding and a full forward round differently (about 1e-6 in float32, 1e-2 in bf16), so
     the first epoch's ratio is not exactly 1 and the KL to the reference (a full forward) picks up that
     noise; off by default. The `policy/entropy` metric is not measured then."""
-    forward_batch_size: Optional[int] = None
+    forward_batch_size: PositiveInt[Optional[int]] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """What samples the rollouts: `hf` (transformers' generate on the trained model) or `vllm` (a vLLM
@@ -180,19 +194,19 @@ class PPOConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/ppo"
     """Checkpoints, the final policy (and critic), metrics.jsonl, the resolved config."""
-    seed: int = 42
+    seed: Seed[int] = 42
     """Seed of sampling, data order and initialisation."""
     resume: Optional[str] = None
     """`latest` (newest complete checkpoint in output_dir) or a checkpoint directory."""
-    save_steps: int = 50
+    save_steps: PositiveInt[int] = 50
     """Checkpoint every N iterations (and at the end)."""
-    save_total_limit: int = 2
+    save_total_limit: PositiveInt[int] = 2
     """Checkpoints kept."""
-    sample_every: int = 10
+    sample_every: NonNegativeInt[int] = 10
     """Print (and log) a table of prompts and responses every N iterations (0: never)."""
-    num_samples: int = 4
+    num_samples: PositiveInt[int] = 4
     """Rows in that table."""
-    cpu_threads: Optional[int] = None
+    cpu_threads: PositiveInt[Optional[int]] = None
     """Intra-op threads per process on a CPU (None: the cores this process may use, shared between the
     local processes). Fixed rather than left to OpenMP so a run beside another job does not collapse."""
 
@@ -237,22 +251,15 @@ def batch_sizes(p: PPOHyperparameters, world: int) -> BatchSizes:
 
 
 def check(cfg: PPOConfig) -> None:
-    from rlhf.validate import validate
+    """Every field's domain (one pass, also for configs built in Python), then the rules between fields."""
+    from rlhf.validate import fits_tiny, validate
 
-    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
+    validate(cfg)
+    fits_tiny(cfg.model, cfg.ppo.max_prompt_length + cfg.ppo.max_new_tokens,
+              "ppo.max_prompt_length + ppo.max_new_tokens")
     p = cfg.ppo
-    for name in ("steps", "per_device_rollout_batch_size", "num_mini_batches", "gradient_accumulation_steps",
-                 "ppo_epochs", "max_new_tokens", "save_steps"):
-        if getattr(p if hasattr(p, name) else cfg, name) < 1:
-            raise UserError(f"{'ppo.' if hasattr(p, name) else ''}{name} expects a positive integer")
     if cfg.peft.method not in ("lora", "qlora", "full"):
         raise UserError(f"peft.method={cfg.peft.method} is not supported by PPO; expected lora, qlora or full")
-    if p.temperature <= 0:
-        raise UserError("ppo.temperature must be > 0 (PPO needs sampled responses and their logprobs)")
-    if not 0 < p.top_p <= 1:
-        raise UserError("ppo.top_p must be in (0, 1]")
-    if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
-        raise UserError("ppo.kl_target and ppo.kl_horizon must be > 0 with ppo.adaptive_kl")
     if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:
         raise UserError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to the same prompt: "
                         f"set ppo.samples_per_prompt to at least 2 (got {p.samples_per_prompt})")
@@ -265,8 +272,6 @@ def check(cfg: PPOConfig) -> None:
     if p.rollout_engine == "vllm" and p.logprobs_from_generation:
         raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
-    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
-        raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
 
 
 def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:

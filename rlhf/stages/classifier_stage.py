@@ -27,27 +27,23 @@ from reward import interface
 from reward import metrics as reward_metrics
 from reward import models as reward_models
 from reward.errors import RewardError
-from rlhf import config
 from rlhf.config import ClassifierConfig, ClassifierDataConfig
 from rlhf.data.sources import load_rows
 from rlhf.errors import UserError
-from rlhf.runtime import checkpoints, tracking
-from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime import checkpoints
+from rlhf.runtime.distributed import main_process_first
 from rlhf.runtime.outputs import user_run
+from rlhf.stages import hf_trainer
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
 
 def check(cfg: ClassifierConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
-    from rlhf.validate import validate
-
-    validate(cfg)  # every field's domain first
-    d, t = cfg.data, cfg.train
+    d = cfg.data
     if d.train is None:
         raise UserError("data.train is required: a file (or hub dataset) of labelled text")
-    if d.max_samples is not None and d.max_samples < 1:
-        raise UserError(f"data.max_samples expects a positive integer or null, got {d.max_samples}")
+    hf_trainer.check(cfg, "rlhf classifier", reward_models.PEFT_METHODS)
     if not d.label_columns:
         raise UserError("data.label_columns expects at least one column name")
     if len(d.label_columns) > 1 and d.multi_label is False:
@@ -56,33 +52,14 @@ def check(cfg: ClassifierConfig) -> None:
     if d.label_names is not None and (len(d.label_columns) > 1 or d.multi_label):
         raise UserError("data.label_names names the classes of a single label column; with several 0/1 "
                         "columns the column names are the labels")
-    if cfg.peft.method not in reward_models.PEFT_METHODS:
-        raise UserError(f"peft.method={cfg.peft.method} is not supported by `rlhf classifier`; use one of "
-                        f"{', '.join(reward_models.PEFT_METHODS)}")
-    if cfg.peft.method == "qlora" and cfg.model.dtype == "float16" and not torch.cuda.is_available():
-        raise UserError("model.dtype=float16 with peft.method=qlora needs a GPU; use float32 or auto on CPU")
-    for name in ("validation_split", "test_split"):
-        if not 0 <= getattr(d, name) < 1:
-            raise UserError(f"data.{name} expects a fraction in [0, 1), got {getattr(d, name)}")
     held_out = (d.validation_split if d.validation is None else 0) + (d.test_split if d.test is None else 0)
     if held_out >= 1:
         raise UserError(f"data.validation_split + data.test_split = {held_out} leaves no training rows")
     if d.test is None and d.test_split == 0:
         raise UserError("no test data: set data.test or data.test_split > 0 (the final metrics are measured on it)")
-    if not 0 < t.threshold < 1:
-        raise UserError(f"train.threshold expects a probability in (0, 1), got {t.threshold}")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "eval_steps", "logging_steps", "max_length"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name} expects a positive integer, got {getattr(t, name)}")
-    save_steps = t.save_steps or t.eval_steps
-    if save_steps % t.eval_steps:
-        raise UserError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps "
-                        f"({t.eval_steps}) so the best checkpoint can be kept")
-    has_eval = d.validation is not None or d.validation_split > 0
-    if not has_eval and (t.early_stopping_patience is not None or t.metric_for_best_model != "loss"):
-        raise UserError("train.early_stopping_patience and train.metric_for_best_model need validation data: "
-                        "set data.validation or data.validation_split > 0")
+    if cfg.train.metric_for_best_model != "loss" and not hf_trainer.has_validation(d):
+        raise UserError("train.metric_for_best_model needs validation data: set data.validation or "
+                        "data.validation_split > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,27 +170,11 @@ def compute_metrics_fn(names: list[str], multi_label: bool, threshold: float):
     return compute_metrics
 
 
-def training_args(cfg: ClassifierConfig, has_eval: bool, bf16: bool):
+def training_args(cfg: ClassifierConfig, has_eval: bool):
     from transformers import TrainingArguments
 
-    t = cfg.train
-    eval_kwargs = {}
-    if has_eval:
-        eval_kwargs = dict(eval_strategy="steps", eval_steps=t.eval_steps, load_best_model_at_end=True,
-                           metric_for_best_model=f"eval_{t.metric_for_best_model}",
-                           greater_is_better=t.metric_for_best_model != "loss")
-    return TrainingArguments(
-        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps if t.warmup_steps < 1 else int(t.warmup_steps), weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing, bf16=bf16,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps or t.eval_steps,
-        save_total_limit=t.save_total_limit, report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [],
-        run_name=cfg.tracking.run_name, remove_unused_columns=False, ddp_backend=ddp_backend(), **eval_kwargs,
-    )
+    return hf_trainer.training_args(TrainingArguments, cfg, has_eval, f"eval_{cfg.train.metric_for_best_model}",
+                                    remove_unused_columns=False)
 
 
 def build(cfg: ClassifierConfig):
@@ -224,9 +185,7 @@ def build(cfg: ClassifierConfig):
     from rlhf.runtime.hf_trainer import attach as attach_to_trainer
 
     check(cfg)
-    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
-    out = Path(cfg.output_dir)
-    transformers.set_seed(cfg.seed)
+    out = hf_trainer.setup(cfg)
     splits, names, multi_label = load_classifier_data(cfg.data, cfg.seed)
     if cfg.reward_label is not None and cfg.reward_label not in names and cfg.reward_label[4:] not in names:
         raise UserError(f"reward_label '{cfg.reward_label}' is not a label; expected one of {', '.join(names)} "
@@ -249,19 +208,13 @@ def build(cfg: ClassifierConfig):
     t = cfg.train
     train_rows = tokenize(splits["train"], tokenizer, t.max_length, "training")
     val_rows = tokenize(splits["validation"], tokenizer, t.max_length, "validation") if splits["validation"] else None
-    bf16 = t.bf16 if t.bf16 is not None else models.torch_dtype(cfg.model) == torch.bfloat16
-    callbacks = []
-    if t.early_stopping_patience is not None:
-        callbacks.append(transformers.EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     trainer = transformers.Trainer(
-        model=model, args=training_args(cfg, val_rows is not None, bf16), train_dataset=train_rows,
+        model=model, args=training_args(cfg, val_rows is not None), train_dataset=train_rows,
         eval_dataset=val_rows, processing_class=tokenizer,
         data_collator=transformers.DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics_fn(names, multi_label, t.threshold), callbacks=callbacks)
-    attach_to_trainer(trainer)  # plain progress lines off a terminal
-    trainable, total = models.count_parameters(trainer.model)
-    print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.4f}%)")
+        compute_metrics=compute_metrics_fn(names, multi_label, t.threshold), callbacks=hf_trainer.callbacks(cfg))
+    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
+    hf_trainer.report_trainable(trainer, cfg)
     return trainer, splits, names, multi_label
 
 
@@ -304,11 +257,11 @@ def metrics_table(rows: dict[str, dict], per_label: dict[str, dict]) -> str:
 
 
 def save(trainer, cfg: ClassifierConfig, names: list[str], multi_label: bool, normalization: dict,
-         metrics: dict) -> None:
+         metrics: dict) -> bool:
     """The classifier (adapter with its head, or full), tokenizer, reward_info.json and metrics.json."""
     from rlhf.stages.reward_stage import publish
 
-    publish(trainer, cfg, "classifier", {
+    return publish(trainer, cfg, "classifier", {
         "labels": names,
         "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
         "threshold": cfg.train.threshold,
@@ -326,12 +279,8 @@ def _run(cfg: ClassifierConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, splits, names, multi_label = build(cfg)
-    if trainer.is_world_process_zero():
-        config.save(cfg, out / "rlhf_config.yaml")
-    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, trainer.is_world_process_zero())
-    trainable, total = models.count_parameters(trainer.model)
-    metrics: dict = {"trainable_parameters": trainable, "total_parameters": total, "labels": names,
-                     "multi_label": multi_label}
+    run, metrics = hf_trainer.start(cfg, trainer)
+    metrics.update(labels=names, multi_label=multi_label)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
@@ -353,11 +302,9 @@ def _run(cfg: ClassifierConfig) -> dict:
         metrics["validation"] = scored(splits["validation"], ref_logits)
     norm = {**normalization(ref_logits, names, multi_label), "reference": ref}
 
-    save(trainer, cfg, names, multi_label, norm, metrics)
-    if trainer.is_world_process_zero():
+    if save(trainer, cfg, names, multi_label, norm, metrics):
         print(f"test set ({len(splits['test'])} texts):")
         print(metrics_table({"classifier": test, "majority-class baseline": baseline}, test["per_label"]))
         print(f"classifier done: saved to {out}")
-    barrier()  # no process ends (and tears the group down) mid-publish
-    tracking.finish(run)
+    hf_trainer.finish(run)
     return metrics

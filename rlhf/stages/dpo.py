@@ -13,9 +13,14 @@ copy in memory); under full fine-tuning, a frozen copy of the starting model. A 
 adapter directory (an SFT output) is merged into its base first (`policy_base/`), so that merged model is
 both the reference and what the new adapter trains on.
 
+With `eval.prompts` and `eval.reward.spec` (the true objective), the trained policy and the one DPO started
+from answer the same held-out prompts, as `rlhf eval policy` does: the true metric before and after DPO,
+sampled and greedy, goes to metrics.json (`heldout`) and the pipeline's report, as PPO's held-out evaluation does.
+
 Writes to output_dir the same layout as `rlhf sft`: the adapter (or full model) and tokenizer, loadable as a
 policy (`rlhf generate --model OUT`, `rlhf eval policy --policy OUT`); `checkpoint-N/`; `rlhf_config.yaml`;
-`metrics.json` (validation loss, reward accuracy and margin before/after); `base_model/` for `tiny`.
+`metrics.json` (validation loss, reward accuracy and margin before/after; the held-out true metric before
+and after); `base_model/` for `tiny`.
 """
 
 from __future__ import annotations
@@ -23,15 +28,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from policies import models
-from rlhf import config
-from rlhf.config import DPO_LOSS_TYPES, DPOConfig
+from rlhf.config import DPOConfig
 from rlhf.errors import UserError
-from rlhf.runtime import checkpoints, tracking
-from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime import checkpoints
+from rlhf.runtime.distributed import main_process_first
 from rlhf.runtime.outputs import user_run
+from rlhf.stages import hf_trainer
 from rlhf.stages.reward_stage import load_preference_data
 
 PEFT_METHODS = ("full", "lora", "qlora")
@@ -42,16 +45,10 @@ BEST_METRIC = {"loss": "eval_loss", "accuracy": "eval_rewards/accuracies"}
 
 def check(cfg: DPOConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
-    from rlhf.validate import validate
+    from rlhf.validate import fits_tiny
 
-    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
-    t, d = cfg.train, cfg.dpo
-    if cfg.peft.method not in PEFT_METHODS:
-        raise UserError(f"peft.method={cfg.peft.method} is not supported by `rlhf dpo`; use one of "
-                        f"{', '.join(PEFT_METHODS)}")
-    if d.loss_type not in DPO_LOSS_TYPES:
-        raise UserError(f"dpo.loss_type: unknown loss '{d.loss_type}'; trl.DPOTrainer accepts "
-                        f"{', '.join(DPO_LOSS_TYPES)}")
+    hf_trainer.check(cfg, "rlhf dpo", PEFT_METHODS)
+    d, e = cfg.dpo, cfg.eval
     if d.loss_type == "exo_pair" and d.label_smoothing == 0:
         raise UserError("dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon; 1e-3 is typical)")
     # TRL computes log-probabilities from lm_head.weight directly: an adapter there would never train
@@ -59,16 +56,11 @@ def check(cfg: DPOConfig) -> None:
         if cfg.peft.method != "full" and "lm_head" in (getattr(cfg.peft, name) or []):
             raise UserError(f"peft.{name} includes lm_head, which `rlhf dpo` cannot train (TRL computes "
                             "log-probabilities from its weight directly); leave it out")
-    if cfg.peft.method == "qlora" and cfg.model.dtype == "float16" and not torch.cuda.is_available():
-        raise UserError("model.dtype=float16 with peft.method=qlora needs a GPU; use float32 or auto on CPU")
-    save_steps = t.save_steps or t.eval_steps
-    if save_steps % t.eval_steps:
-        raise UserError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps "
-                        f"({t.eval_steps}) so the best checkpoint can be kept")
-    has_eval = cfg.data.validation is not None or cfg.data.validation_split > 0
-    if t.early_stopping_patience is not None and not has_eval:
-        raise UserError("train.early_stopping_patience needs validation data: set data.validation or "
-                        "data.validation_split > 0")
+    if e.prompts is not None:
+        if e.reward.spec is None:
+            raise UserError("eval.prompts needs eval.reward.spec: DPO has no reward of its own to judge the held-out "
+                            "answers with; give the true objective (a function, a reward model or a classifier)")
+        fits_tiny(cfg.model, e.max_prompt_length + e.max_new_tokens, "eval.max_prompt_length + eval.max_new_tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,46 +135,26 @@ def load_models(cfg: DPOConfig, base: str):
 # Trainer
 
 
-def trl_args(cfg: DPOConfig, has_eval: bool, bf16: bool):
+def trl_args(cfg: DPOConfig, has_eval: bool):
     """Our config -> trl.DPOConfig."""
     import trl
 
-    t, d = cfg.train, cfg.dpo
-    eval_kwargs = {}
-    if has_eval:
-        # The validation metrics before training come from inside train() (eval_on_start) rather than an
-        # evaluate() call before it, as in `rlhf sft` (under ZeRO-3 that call breaks the train() after it).
-        eval_kwargs = dict(eval_strategy="steps", eval_steps=t.eval_steps, load_best_model_at_end=True,
-                           metric_for_best_model=BEST_METRIC[t.metric_for_best_model],
-                           greater_is_better=t.metric_for_best_model != "loss", eval_on_start=cfg.resume is None)
-    return trl.DPOConfig(
-        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps if t.warmup_steps < 1 else int(t.warmup_steps), weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, max_length=t.max_length, gradient_checkpointing=t.gradient_checkpointing,
-        bf16=bf16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps or t.eval_steps,
-        save_total_limit=t.save_total_limit, beta=d.beta, loss_type=[d.loss_type],
-        label_smoothing=d.label_smoothing, disable_dropout=True,
-        report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [], run_name=cfg.tracking.run_name,
-        dataset_num_proc=None, ddp_backend=ddp_backend(), **eval_kwargs,
-    )
+    d = cfg.dpo
+    return hf_trainer.training_args(
+        trl.DPOConfig, cfg, has_eval, BEST_METRIC[cfg.train.metric_for_best_model], eval_on_start=True,
+        max_length=cfg.train.max_length, beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
+        disable_dropout=True, dataset_num_proc=None)
 
 
 def build(cfg: DPOConfig):
     """Check the config, load data, tokenizer, policy and reference, and build the DPOTrainer (nothing trained)."""
-    import transformers
     import trl
 
     from reward.models import ensure_chat_template
     from rlhf.runtime.hf_trainer import attach as attach_to_trainer
 
     check(cfg)
-    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
-    out = Path(cfg.output_dir)
-    transformers.set_seed(cfg.seed)
+    out = hf_trainer.setup(cfg)
     train_pairs, val_pairs, _ = load_preference_data(cfg.data, cfg.seed)  # bad data fails before any writing
     print(f"data: {len(train_pairs)} training pairs, {len(val_pairs) if val_pairs else 0} validation pairs")
     with main_process_first():  # rank 0 writes the base (or merges the SFT adapter), the others then read it
@@ -192,35 +164,48 @@ def build(cfg: DPOConfig):
         print("chat template: plain `Role: text` (the tokenizer has none)")
     policy, reference = load_models(cfg, base)
 
-    bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else models.torch_dtype(cfg.model) == torch.bfloat16
-    callbacks = []
-    if cfg.train.early_stopping_patience is not None:
-        callbacks.append(transformers.EarlyStoppingCallback(cfg.train.early_stopping_patience,
-                                                            cfg.train.early_stopping_threshold))
     train_rows = conversational(train_pairs)
     val_rows = conversational(val_pairs) if val_pairs is not None else None
-    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=trl_args(cfg, val_rows is not None, bf16),
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=trl_args(cfg, val_rows is not None),
                              train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
-                             peft_config=models.peft_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
+                             peft_config=models.peft_config(cfg.peft, "CAUSAL_LM"), callbacks=hf_trainer.callbacks(cfg))
     attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     report_dropped(len(train_rows), trainer.train_dataset, cfg.train.max_length, "training")
     if val_rows is not None:
         report_dropped(len(val_rows), trainer.eval_dataset, cfg.train.max_length, "validation")
-    trainable, total = models.count_parameters(trainer.model)
-    print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.4f}%); reference: "
-          f"{'the base with the adapter disabled' if reference is None else 'a frozen copy of the base'}")
+    hf_trainer.report_trainable(trainer, cfg, "; reference: " + ("the base with the adapter disabled"
+                                                                 if reference is None else "a frozen copy of the base"))
     return trainer
 
 
-def run_mean(history: list[dict], key: str = "loss") -> float | None:
-    """Mean of a per-step training metric over the whole run, from the Trainer's log (each logged value
-    covers the steps since the one before). A resumed run restores the log, so this is the straight run's."""
-    logged = [(h["step"], h[key]) for h in history if key in h and "step" in h]
-    if not logged:
-        return None
-    steps = [b - a for a, b in zip([0] + [s for s, _ in logged[:-1]], [s for s, _ in logged])]
-    return sum(n * v for n, (_, v) in zip(steps, logged)) / max(sum(steps), 1)
+def heldout(cfg: DPOConfig, policy: Path, reference: str) -> dict:
+    """The true metric before and after DPO: `rlhf eval policy` of the trained `policy` against the one DPO
+    started from (its `reference`) on eval.prompts, judged by eval.reward, sampled at eval.temperature and
+    (eval.greedy) greedy. Keys as PPO's held-out evaluation logs them (eval/reward, eval/greedy/reward, ...)."""
+    from rlhf.evaluation import eval_policy
+    from rlhf.ppo.config import PromptDataConfig, RewardSpec
+
+    e = cfg.eval
+    judge = RewardSpec(spec=e.reward.spec, kind=e.reward.kind, label=e.reward.label, batch_size=e.reward.batch_size)
+    before, after, reports = {}, {}, {}
+    for prefix, temperature in [("", e.temperature)] + ([("greedy/", 0.0)] if e.greedy else []):
+        r = eval_policy.evaluate(eval_policy.EvalPolicyConfig(
+            policy=str(policy), reference=reference, reward=judge,
+            prompts=PromptDataConfig(train=e.prompts, format=e.format, max_samples=e.max_prompts),
+            max_new_tokens=e.max_new_tokens, temperature=temperature, max_prompt_length=e.max_prompt_length,
+            seed=cfg.seed, samples_per_prompt=e.samples_per_prompt,
+            allow_pickle_weights=cfg.model.allow_pickle_weights))
+        reports[prefix or "sampled/"] = r
+        for side, m in (("reference", before), ("policy", after)):
+            m.update({f"eval/{prefix}reward": r[f"reward_{side}"], f"eval/{prefix}length": r[f"length_{side}"],
+                      f"eval/{prefix}eos_rate": r[f"eos_rate_{side}"]})
+        if not prefix:  # KL to the starting policy on the sampled answers (0 for the starting policy itself)
+            before["eval/kl"], after["eval/kl"] = 0.0, r["kl_policy_reference"]
+    shown = reports.get("greedy/", reports["sampled/"])
+    return {"eval_reward": e.reward.spec, "prompts": e.prompts, "n_prompts": shown["n_prompts"],
+            "reference": reference, "before": before, "after": after,
+            "win_rate": reports["sampled/"]["win_rate"], "samples_mode": "greedy" if e.greedy else "sampled",
+            "samples": shown["samples"]}
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -232,19 +217,15 @@ def _run(cfg: DPOConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer = build(cfg)
-    if trainer.is_world_process_zero():
-        config.save(cfg, out / "rlhf_config.yaml")
-    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, trainer.is_world_process_zero())
-    trainable, total = models.count_parameters(trainer.model)
-    metrics: dict = {"trainable_parameters": trainable, "total_parameters": total,
-                     "train_pairs": len(trainer.train_dataset)}
+    run, metrics = hf_trainer.start(cfg, trainer)
+    metrics["train_pairs"] = len(trainer.train_dataset)
     has_eval = trainer.eval_dataset is not None
     result = trainer.train(resume_from_checkpoint=resume_from)
     history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's
     start = next((h for h in history if "eval_loss" in h and h.get("step") == 0), None)
     if start is not None:  # eval_on_start: policy == reference, so every implicit reward is 0 (accuracy 0, margin 0)
         metrics.update({f"eval_{k}_before": start[f"eval_{k}"] for k in EVAL_METRICS})
-    train_loss = run_mean(history)
+    train_loss = hf_trainer.run_mean(history)
     metrics["train_loss"] = train_loss if train_loss is not None else result.training_loss
     metrics["global_step"] = trainer.state.global_step
     if has_eval:
@@ -252,17 +233,20 @@ def _run(cfg: DPOConfig) -> dict:
         metrics.update({f"eval_{k}": final[f"eval_{k}"] for k in EVAL_METRICS})
         metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
 
-    tmp = out / ".final.tmp"
-    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
-    if trainer.is_world_process_zero():  # which writes the files
-        trainer.processing_class.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        checkpoints.publish_dir(tmp, out)
+    def evaluate_saved(tmp: Path) -> None:  # the policy as saved (before it is published), on the main process
+        if cfg.eval.prompts is not None:
+            reference = policy_base(cfg, out)  # written by build: found again, not rebuilt
+            metrics["heldout"] = {**heldout(cfg, tmp, reference), "policy": str(out)}
+
+    if hf_trainer.publish(trainer, out, metrics, evaluate_saved):
         val = (f"validation reward accuracy {metrics['eval_rewards/accuracies_before']:.3f} -> "
                f"{metrics['eval_rewards/accuracies']:.3f}, margin {metrics['eval_rewards/margins']:.3f}, "
                f"loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}; "
                if "eval_loss_before" in metrics else "")
-        print(f"dpo done: {val}saved to {out}")
-    barrier()  # no process ends (and tears the group down) mid-publish
-    tracking.finish(run)
+        h = metrics.get("heldout")
+        true = "".join(f"held-out {name} {h['before'][key]:.3f} -> {h['after'][key]:.3f} ({h['eval_reward']}); "
+                       for name, key in (("reward", "eval/reward"), ("greedy reward", "eval/greedy/reward"))
+                       if h and key in h["before"])
+        print(f"dpo done: {val}{true}saved to {out}")
+    hf_trainer.finish(run)
     return metrics

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from rlhf import config
-from rlhf.config import DPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, RewardConfig, Seed, SFTConfig, domain
 from rlhf.errors import UserError
 from rlhf.ppo.trainer import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "dpo")
+Stages = domain(lambda v: all(s in STAGES for s in v), f"some of {', '.join(STAGES)}")
 
 
 @dataclass
@@ -37,20 +38,17 @@ class PipelineConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     output_dir: str = "runs/pipeline"
     """Each stage writes to output_dir/<stage>; the report and plots go here."""
-    stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
+    stages: Stages[list[str]] = field(default_factory=lambda: ["sft", "reward", "ppo"])
     """Stages to run, in order (some of sft, reward, ppo; or sft, dpo); a stage left out that a later one
     needs uses its existing output in output_dir."""
     reward_base: Literal["sft", "config"] = "sft"
     """Start the reward model from the SFT output (`sft`), or from reward.model as configured."""
-    seed: Optional[int] = None
+    seed: Seed[Optional[int]] = None
     """Seed of every stage (sets sft.seed, reward.seed, ppo.seed and dpo.seed); None keeps each stage's own."""
 
 
 def wire(cfg: PipelineConfig) -> PipelineConfig:
     """Point every stage's inputs at the previous stages' outputs."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise UserError(f"stages: unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
     if "dpo" in cfg.stages and "ppo" in cfg.stages:
         raise UserError("stages: dpo takes the place of reward and ppo (both train the SFT policy); run one of them")
     out = Path(cfg.output_dir)
@@ -105,22 +103,26 @@ def check_inputs(cfg: PipelineConfig) -> None:
     if "ppo" in cfg.stages:
         sources += [("ppo.data.train", cfg.ppo.data.train), ("ppo.eval.prompts", cfg.ppo.eval.prompts)]
     if "dpo" in cfg.stages:
-        sources += [("dpo.data.train", cfg.dpo.data.train), ("dpo.data.validation", cfg.dpo.data.validation)]
+        sources += [("dpo.data.train", cfg.dpo.data.train), ("dpo.data.validation", cfg.dpo.data.validation),
+                    ("dpo.eval.prompts", cfg.dpo.eval.prompts)]
     for option, source in sources:
         _check_source(option, source)
+    for stage in ("ppo", "dpo"):  # the held-out evaluations: their prompts load, their judge exists
+        e = getattr(cfg, stage).eval
+        if stage not in cfg.stages or e.prompts is None:
+            continue
+        ppo.load_prompts(ppo.PromptDataConfig(train=e.prompts, format=e.format))
+        judge = e.reward.spec
+        if judge is not None and (e.reward.kind == "function" or is_function_spec(judge)):
+            load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
+        elif judge is not None and models.looks_local(judge) and not Path(judge).expanduser().exists():
+            raise UserError(f"{stage}.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
     if "ppo" not in cfg.stages:
         return
     prompts = ppo.load_prompts(cfg.ppo.data)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts})")
-    if cfg.ppo.eval.prompts is not None:
-        ppo.load_prompts(ppo.PromptDataConfig(train=cfg.ppo.eval.prompts, format=cfg.ppo.eval.format))
-    judge = cfg.ppo.eval.reward.spec
-    if judge is not None and (cfg.ppo.eval.reward.kind == "function" or is_function_spec(judge)):
-        load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
-    elif judge is not None and models.looks_local(judge) and not Path(judge).expanduser().exists():
-        raise UserError(f"ppo.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
     stop = cfg.ppo.ppo.stop_token
     if stop not in (None, "eos"):
         source = cfg.sft.model if "sft" in cfg.stages else None
@@ -138,16 +140,20 @@ def main(cfg: PipelineConfig) -> dict:
     from rlhf.ppo import trainer as ppo
     from rlhf.runtime.outputs import check_output_dir
     from rlhf.stages import dpo, reward_stage, sft
+    from rlhf.validate import validate
 
+    validate(cfg)  # every field's domain, named from the top (sft.train.eval_steps), also for configs built in Python
     cfg = wire(cfg)
     out = Path(cfg.output_dir)
     # Every stage's settings are checked before the first one trains (not PPO's after SFT and the RM ran).
     check_output_dir(out)
-    sft.check(cfg.sft)
-    reward_stage.check(cfg.reward)
-    ppo.check(cfg.ppo)
-    if "dpo" in cfg.stages:
-        dpo.check(cfg.dpo)
+    checks = {"sft": sft.check, "reward": reward_stage.check, "ppo": ppo.check, "dpo": dpo.check}
+    for stage, check in checks.items():
+        if stage != "dpo" or "dpo" in cfg.stages:
+            try:
+                check(getattr(cfg, stage))
+            except UserError as e:  # the stage's rule names its fields from the stage's own config
+                raise UserError(f"{stage}: {e}") from None
     needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages else set())  # what the stages that run read
     for stage in sorted(needed, key=STAGES.index):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
@@ -172,6 +178,9 @@ def main(cfg: PipelineConfig) -> dict:
     elif "heldout" not in report and "ppo" in report:
         print("note: no held-out evaluation was configured (ppo.eval); the reward-model score alone is not evidence "
               "that the policy improved")
+    elif "heldout" not in report and "dpo" in report:
+        print("note: no held-out evaluation was configured (dpo.eval); the validation reward accuracy alone is not "
+              "evidence that the policy improved")
     return report
 
 
@@ -218,6 +227,14 @@ def write_report(out: Path, timings: dict[str, float], eval_reward: str | None =
         m = json.loads(dpo_metrics.read_text())
         report["dpo"] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
         report["outputs"]["dpo_policy"] = str(out / "dpo")
+        if "heldout" in m:  # the DPO stage's held-out evaluation: `rlhf eval policy` of its output against its start
+            h = m["heldout"]
+            report["heldout"] = {"stage": "DPO", "eval_reward": h["eval_reward"], "before": h["before"],
+                                 "after": h["after"], "hacking": None, "hacking_flagged_during_run": False,
+                                 "policy": h["policy"], "reference": h["reference"], "win_rate": h["win_rate"]}
+            report["samples"] = [{"mode": h["samples_mode"], "prompt": x["prompt"], "before": x["reference"],
+                                  "before_reward": x["reward_reference"], "after": x["policy"],
+                                  "after_reward": x["reward_policy"]} for x in h["samples"]]
     history = _read_jsonl(out / "ppo" / "metrics.jsonl")
     train = [m for m in history if "objective/scores" in m]
     evals = [m for m in history if "eval/reward" in m]
@@ -233,7 +250,8 @@ def write_report(out: Path, timings: dict[str, float], eval_reward: str | None =
     if len(evals) >= 2:
         before, after = evals[0], evals[-1]
         keys = [k for k in before if k.startswith("eval/") and k in after]
-        report["heldout"] = {"eval_reward": eval_reward, "before_step": before["step"], "after_step": after["step"],
+        report["heldout"] = {"stage": "PPO", "eval_reward": eval_reward, "before_step": before["step"],
+                             "after_step": after["step"],
                              "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
                              "hacking": hacking_verdict(before, after),
                              "hacking_flagged_during_run": any(m.get("eval/hacking") for m in evals)}
@@ -254,27 +272,43 @@ def _before_after_samples(path: Path, first: int, last: int, n: int = 8) -> list
             for a, b in list(zip(pick(first), pick(last)))[:n]]
 
 
+def _verdict(before: dict, after: dict, stage: str) -> str:
+    """Did the true metric rise, on sampled answers and (when scored) on greedy ones?"""
+    modes = [(name, key) for name, key in (("sampled", "eval/reward"), ("greedy", "eval/greedy/reward"))
+             if key in before and key in after]
+    rose = [name for name, key in modes if after[key] > before[key]]
+    if len(rose) == len(modes):
+        return f"The true metric rose{' with the proxy' if 'eval/proxy' in after else ''}."
+    if not rose:
+        return f"The true metric did not rise: {stage} did not improve what it was meant to."
+    change = ", ".join(f"{name} answers {before[key]:.3f} -> {after[key]:.3f}" for name, key in modes)
+    return f"The true metric rose on {rose[0]} answers only ({change})."
+
+
 def _markdown(r: dict, out: Path) -> str:
     lines = ["# Pipeline report", ""]
     h = r.get("heldout")
     if h:
-        b, a = h["before"], h["after"]
+        b, a, stage = h["before"], h["after"], h["stage"]
         judge = f"`{h['eval_reward']}`" if h["eval_reward"] else "the training reward (no eval.reward set)"
-        lines += [f"## Before and after PPO, on held-out prompts", "",
-                  f"True metric: {judge}. Proxy: the reward model PPO optimised. Both score the same answers "
-                  f"to the same held-out prompts, before PPO (step {h['before_step']}, the SFT policy) and after "
-                  f"(step {h['after_step']}).", "",
-                  "| | before PPO | after PPO | change |", "|---|---|---|---|"]
+        lines += [f"## Before and after {stage}, on held-out prompts", ""]
+        if stage == "PPO":
+            lines += [f"True metric: {judge}. Proxy: the reward model PPO optimised. Both score the same answers "
+                      f"to the same held-out prompts, before PPO (step {h['before_step']}, the SFT policy) and after "
+                      f"(step {h['after_step']}).", ""]
+        else:
+            lines += [f"True metric: {judge}, scoring the answers of the policy DPO started from (`{h['reference']}`) "
+                      f"and of the trained one (`{h['policy']}`) to the same held-out prompts (`rlhf eval policy`); "
+                      f"the trained policy's win rate over its start: {h['win_rate']:.3f} (sampled answers).", ""]
+        lines += [f"| | before {stage} | after {stage} | change |", "|---|---|---|---|"]
         rows = [("**true metric**, sampled answers", "eval/reward"), ("**true metric**, greedy answers", "eval/greedy/reward"),
                 ("proxy (reward model), sampled", "eval/proxy"), ("proxy (reward model), greedy", "eval/greedy/proxy"),
                 ("proxy orders answer pairs as the true metric does (AUC)", "eval/proxy_agreement"),
                 ("KL to the SFT policy (nats per answer)", "eval/kl"), ("answer length (tokens)", "eval/length"),
                 ("EOS rate", "eval/eos_rate")]
-        lines += [f"| {name} | {b[k]:.3f} | {a[k]:.3f} | {a[k] - b[k]:+.3f} |" for name, k in rows if k in b]
+        lines += [f"| {name} | {b[k]:.3f} | {a[k]:.3f} | {a[k] - b[k]:+.3f} |" for name, k in rows if k in b and k in a]
         lines.append("")
-        lines.append(f"**{h['hacking']}**" if h["hacking"] else
-                     ("The true metric rose with the proxy." if a["eval/reward"] > b["eval/reward"] else
-                      "The true metric did not rise: PPO did not improve what it was meant to."))
+        lines.append(f"**{h['hacking']}**" if h["hacking"] else _verdict(b, a, stage))
         if h["hacking_flagged_during_run"]:
             lines.append("\nDuring the run, the proxy rose while the held-out reward fell over an evaluation window "
                          "(eval/hacking in metrics.jsonl).")
@@ -304,10 +338,17 @@ def _markdown(r: dict, out: Path) -> str:
                          "reward-model score alone does not show that the policy improved.")
     if r.get("samples"):
         clean = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
-        lines += ["", f"## The same prompts before and after PPO ({r['samples'][0]['mode']} answers)", "",
-                  "| prompt | before | true | proxy | after | true | proxy |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {clean(x['prompt'])} | {clean(x['before'])} | {x['before_reward']:.2f} | {x['before_proxy']:.2f} "
-                  f"| {clean(x['after'])} | {x['after_reward']:.2f} | {x['after_proxy']:.2f} |" for x in r["samples"]]
+        proxy = "before_proxy" in r["samples"][0]
+        stage = h["stage"] if h else "training"
+        lines += ["", f"## The same prompts before and after {stage} ({r['samples'][0]['mode']} answers)", "",
+                  "| prompt | before | true | proxy | after | true | proxy |" if proxy else
+                  "| prompt | before | true | after | true |",
+                  "|---|---|---|---|---|---|---|" if proxy else "|---|---|---|---|---|"]
+        for x in r["samples"]:
+            cells = [clean(x["prompt"])]
+            for side in ("before", "after"):
+                cells += [clean(x[side]), f"{x[f'{side}_reward']:.2f}"] + ([f"{x[f'{side}_proxy']:.2f}"] if proxy else [])
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Outputs:"] + [f"- {k}: `{v}`" for k, v in r["outputs"].items()]
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in r["plots"]]

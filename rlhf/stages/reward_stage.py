@@ -17,7 +17,6 @@ or when model.name_or_path is a LoRA adapter directory (an SFT output), merged i
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -27,49 +26,22 @@ from reward import interface
 from reward import metrics as reward_metrics
 from reward import models as reward_models
 from reward.errors import RewardError
-from rlhf import config
 from rlhf.config import PairFormatOptions, PreferenceDataConfig, RewardConfig
 from rlhf.data.preference_data import FORMATS, load_pairs
 from rlhf.data.sources import hold_out
 from rlhf.errors import UserError
-from rlhf.runtime import checkpoints, tracking
-from rlhf.runtime.distributed import barrier, ddp_backend, init_processes, main_process_first
+from rlhf.runtime import checkpoints
+from rlhf.runtime.distributed import main_process_first
 from rlhf.runtime.outputs import user_run
+from rlhf.stages import hf_trainer
 
 
 def check(cfg: RewardConfig) -> None:
     """Refuse option combinations that cannot work, before any loading."""
-    from rlhf.validate import validate
-
-    validate(cfg)  # every field's domain first (also for configs built in Python, not parsed)
-    t = cfg.train
-    if cfg.peft.method not in reward_models.PEFT_METHODS:
-        raise UserError(f"peft.method={cfg.peft.method} is not supported by `rlhf reward`; use one of "
-                        f"{', '.join(reward_models.PEFT_METHODS)}")
-    if cfg.peft.method == "qlora" and cfg.model.dtype == "float16" and not torch.cuda.is_available():
-        raise UserError("model.dtype=float16 with peft.method=qlora needs a GPU; use float32 or auto on CPU")
-    save_steps = t.save_steps or t.eval_steps
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "eval_steps", "logging_steps", "max_length"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name} expects a positive integer, got {getattr(t, name)}")
-    if save_steps % t.eval_steps:
-        raise UserError(f"train.save_steps ({save_steps}) must be a multiple of train.eval_steps "
-                        f"({t.eval_steps}) so the best checkpoint can be kept")
-    if cfg.data.max_samples is not None and cfg.data.max_samples < 1:
-        raise UserError(f"data.max_samples expects a positive integer or null, got {cfg.data.max_samples}")
-    has_eval = cfg.data.validation is not None or cfg.data.validation_split > 0
-    if t.early_stopping_patience is not None and not has_eval:
-        raise UserError("train.early_stopping_patience needs validation data: set data.validation or "
-                        "data.validation_split > 0")
-    if cfg.reward.normalize_on == "validation" and not has_eval:
+    hf_trainer.check(cfg, "rlhf reward", reward_models.PEFT_METHODS)
+    if cfg.reward.normalize_on == "validation" and not hf_trainer.has_validation(cfg.data):
         raise UserError("reward.normalize_on=validation needs validation data: set data.validation, "
                         "data.validation_split > 0, or reward.normalize_on=train")
-    if cfg.reward.normalize_samples < 2:
-        raise UserError(f"reward.normalize_samples expects at least 2, got {cfg.reward.normalize_samples}")
-    if cfg.reward.center_rewards_coefficient is not None and cfg.reward.center_rewards_coefficient < 0:
-        raise UserError(f"reward.center_rewards_coefficient expects a number >= 0, got "
-                        f"{cfg.reward.center_rewards_coefficient}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,44 +118,25 @@ def tokenize_pairs(pairs, tokenizer, max_length: int, use_margin: bool, margin_s
 # Trainer
 
 
-def trl_args(cfg: RewardConfig, has_eval: bool, bf16: bool):
+def trl_args(cfg: RewardConfig, has_eval: bool):
     """Our config -> trl.RewardConfig."""
     import trl
 
-    t = cfg.train
-    eval_kwargs = {}
-    if has_eval:
-        eval_kwargs = dict(eval_strategy="steps", eval_steps=t.eval_steps, load_best_model_at_end=True,
-                           metric_for_best_model=f"eval_{t.metric_for_best_model}",
-                           greater_is_better=t.metric_for_best_model != "loss")
-    return trl.RewardConfig(
-        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps if t.warmup_steps < 1 else int(t.warmup_steps), weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, max_length=None,  # cut (not dropped) by tokenize_pairs
-        gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, logging_steps=t.logging_steps,
-        save_strategy="steps", save_steps=t.save_steps or t.eval_steps, save_total_limit=t.save_total_limit,
-        center_rewards_coefficient=cfg.reward.center_rewards_coefficient,
-        report_to=["wandb"] if cfg.tracking.report_to == "wandb" else [], run_name=cfg.tracking.run_name,
-        disable_dropout=True, ddp_backend=ddp_backend(), **eval_kwargs,
-    )
+    return hf_trainer.training_args(
+        trl.RewardConfig, cfg, has_eval, f"eval_{cfg.train.metric_for_best_model}",
+        max_length=None,  # cut (not dropped) by tokenize_pairs
+        center_rewards_coefficient=cfg.reward.center_rewards_coefficient, disable_dropout=True)
 
 
 def build(cfg: RewardConfig):
     """Check the config, load data, tokenizer and model, and build the RewardTrainer (nothing trained).
     Returns (trainer, {"train": pairs, "validation": pairs or None}) (canonical pairs, before tokenising)."""
-    import transformers
     import trl
 
     from rlhf.runtime.hf_trainer import attach as attach_to_trainer
 
     check(cfg)
-    init_processes()  # before TrainingArguments: gloo on CPU, and a mis-launch refused
-    out = Path(cfg.output_dir)
-    transformers.set_seed(cfg.seed)
+    out = hf_trainer.setup(cfg)
     train_pairs, val_pairs, _ = load_preference_data(cfg.data, cfg.seed)  # bad data fails before any writing
     print(f"data: {len(train_pairs)} training pairs, {len(val_pairs) if val_pairs else 0} validation pairs")
     if cfg.reward.use_margin:
@@ -207,19 +160,12 @@ def build(cfg: RewardConfig):
     if val_pairs is not None:
         val_rows = tokenize_pairs(val_pairs, tokenizer, t.max_length, cfg.reward.use_margin,
                                   cfg.reward.margin_scale, "validation")
-    bf16 = t.bf16 if t.bf16 is not None else models.torch_dtype(cfg.model) == torch.bfloat16
-    callbacks = []
-    if t.early_stopping_patience is not None:
-        callbacks.append(transformers.EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    trainer = trl.RewardTrainer(model=model, args=trl_args(cfg, val_rows is not None, bf16),
-                                train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
-                                callbacks=callbacks)
+    trainer = trl.RewardTrainer(model=model, args=trl_args(cfg, val_rows is not None), train_dataset=train_rows,
+                                eval_dataset=val_rows, processing_class=tokenizer, callbacks=hf_trainer.callbacks(cfg))
     attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     if cfg.peft.method == "qlora":
         reward_models.head_to_dtype(trainer.model, models.torch_dtype(cfg.model))
-    trainable, total = models.count_parameters(trainer.model)
-    print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.4f}%)")
+    hf_trainer.report_trainable(trainer, cfg)
     return trainer, {"train": train_pairs, "validation": val_pairs}
 
 
@@ -241,32 +187,27 @@ def score_pairs(reward: interface.PreferenceReward, pairs) -> tuple[torch.Tensor
         reward.model.train(was_training)
 
 
-def publish(trainer, cfg, kind: str, extra: dict, normalization: dict, metrics: dict) -> None:
+def publish(trainer, cfg, kind: str, extra: dict, normalization: dict, metrics: dict) -> bool:
     """Write the model (adapter with its head, or full), tokenizer, reward_info.json and metrics.json
     to cfg.output_dir, each file appearing whole. Shared by `rlhf reward` and `rlhf classifier`."""
-    out = Path(cfg.output_dir)
-    tmp = out / ".final.tmp"
-    trainer.save_model(str(tmp))  # on every process: under ZeRO-3 they all take part in gathering the weights
-    if not trainer.is_world_process_zero():  # which writes the files
-        return
-    trainer.processing_class.save_pretrained(str(tmp))
-    reward_models.write_info(tmp, {
-        "kind": kind,
-        "base_model": reward_models.base_model_entry(cfg.model.name_or_path),
-        "adapter": cfg.peft.method != "full",
-        "quantized": cfg.peft.method == "qlora",
-        "dtype": str(models.torch_dtype(cfg.model)).removeprefix("torch."),
-        "max_length": cfg.train.max_length,
-        **extra,
-        "normalization": normalization,
-        "trained_on": cfg.data.train,
-    })
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    checkpoints.publish_dir(tmp, out)
+    def info(tmp: Path) -> None:
+        reward_models.write_info(tmp, {
+            "kind": kind,
+            "base_model": reward_models.base_model_entry(cfg.model.name_or_path),
+            "adapter": cfg.peft.method != "full",
+            "quantized": cfg.peft.method == "qlora",
+            "dtype": str(models.torch_dtype(cfg.model)).removeprefix("torch."),
+            "max_length": cfg.train.max_length,
+            **extra,
+            "normalization": normalization,
+            "trained_on": cfg.data.train,
+        })
+
+    return hf_trainer.publish(trainer, Path(cfg.output_dir), metrics, info)
 
 
-def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> None:
-    publish(trainer, cfg, "preference", {}, normalization, metrics)
+def save(trainer, cfg: RewardConfig, normalization: dict, metrics: dict) -> bool:
+    return publish(trainer, cfg, "preference", {}, normalization, metrics)
 
 
 def main(cfg: RewardConfig) -> dict:
@@ -279,11 +220,7 @@ def _run(cfg: RewardConfig) -> dict:
     resume_from = checkpoints.resolve_resume(cfg.resume, out)
     trainer, pairs = build(cfg)
     val_pairs = pairs["validation"]
-    if trainer.is_world_process_zero():
-        config.save(cfg, out / "rlhf_config.yaml")
-    run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, trainer.is_world_process_zero())
-    trainable, total = models.count_parameters(trainer.model)
-    metrics: dict = {"trainable_parameters": trainable, "total_parameters": total}
+    run, metrics = hf_trainer.start(cfg, trainer)
     reward = as_reward(trainer, cfg.train.max_length, cfg.train.per_device_eval_batch_size)
     if val_pairs is not None and resume_from is None:
         metrics["eval_accuracy_before"] = reward_metrics.pairwise_correct(*score_pairs(reward, val_pairs)).mean().item()
@@ -303,13 +240,11 @@ def _run(cfg: RewardConfig) -> dict:
     norm = {**interface.normalization_stats(torch.cat([chosen, rejected])), "reference": cfg.reward.normalize_on}
     metrics["normalization"] = norm
 
-    save(trainer, cfg, norm, metrics)
-    if trainer.is_world_process_zero():
+    if save(trainer, cfg, norm, metrics):
         acc = (f"validation accuracy {metrics['eval_accuracy_before']:.3f} -> {metrics['eval_accuracy']:.3f}; "
                if "eval_accuracy_before" in metrics else
                f"validation accuracy {metrics['eval_accuracy']:.3f}; " if "eval_accuracy" in metrics else "")
         print(f"reward done: {acc}score mean {norm['mean']:.3f}, std {norm['std']:.3f} on {norm['n']} "
               f"{cfg.reward.normalize_on} replies; saved to {out}")
-    barrier()  # no process ends (and tears the group down) mid-publish
-    tracking.finish(run)
+    hf_trainer.finish(run)
     return metrics
