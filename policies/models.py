@@ -6,6 +6,7 @@ safetensors; remote code runs only when `model.trust_remote_code` is set.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -85,8 +86,27 @@ def refuse_pickle_weights(name_or_path: str, allow: bool, option: str = "model.a
 
 
 # What loading a model can raise because of what the user named: a missing or malformed file (OSError,
-# ValueError, custom code refused), or a pickle torch's weights-only unpickler refused (allow_pickle_weights).
-LOAD_ERRORS = (OSError, ValueError, pickle.UnpicklingError)
+# ValueError, custom code refused), a pickle torch's weights-only unpickler refused (allow_pickle_weights),
+# or a package an option needs that is not installed (ImportError; the known ones are named by `require`).
+LOAD_ERRORS = (OSError, ValueError, pickle.UnpicklingError, ImportError)
+
+# Packages an option needs beyond the default install (or in it, but possibly removed), and how to install each.
+INSTALL_COMMANDS = {"bitsandbytes": "pip install bitsandbytes",
+                    "flash_attn": "pip install flash-attn --no-build-isolation (needs a CUDA GPU)"}
+
+
+def require(module: str, option: str) -> None:
+    """One line naming the install command when the package `option` needs is missing, before transformers
+    fails on it with a traceback."""
+    if importlib.util.find_spec(module) is None:
+        raise ModelLoadError(f"{option} needs the package {module}, which is not installed in this environment; "
+                             f"install it with: {INSTALL_COMMANDS[module]}")
+
+
+def require_attention(cfg: ModelConfig) -> None:
+    """model.attn_implementation flash_attention_2 needs the flash-attn package."""
+    if cfg.attn_implementation == "flash_attention_2":
+        require("flash_attn", "model.attn_implementation: flash_attention_2")
 
 
 def load_failure(e: Exception) -> str:
@@ -205,6 +225,7 @@ def quantization_config(cfg: ModelConfig):
     """4-bit NF4 with double quantisation (QLoRA, Dettmers et al. 2023)."""
     from transformers import BitsAndBytesConfig
 
+    require("bitsandbytes", "peft.method qlora (4-bit weights)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch_dtype(cfg))
 
@@ -221,6 +242,7 @@ def load_causal_lm(name_or_path: str, cfg: ModelConfig, method: str = "full", *,
     kwargs = dict(revision=cfg.revision, dtype=dtype,
                   use_safetensors=None if cfg.allow_pickle_weights else True)
     if cfg.attn_implementation:
+        require_attention(cfg)
         kwargs["attn_implementation"] = cfg.attn_implementation
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg)

@@ -177,6 +177,7 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
                                   use_safetensors=None if cfg.allow_pickle_weights else True,
                                   **config_kwargs)
     if cfg.attn_implementation:
+        models.require_attention(cfg)
         kwargs["attn_implementation"] = cfg.attn_implementation
     if method == "qlora":
         quant = models.quantization_config(cfg)

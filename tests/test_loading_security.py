@@ -350,3 +350,66 @@ def test_yaml_with_a_few_aliases_still_loads(tmp_path):
     assert data == {"model": {"name_or_path": "tiny"}, "ref": {"name_or_path": "tiny"}, "train": {"learning_rate": 0.001}}
     assert lines == {"model": 1, "model.name_or_path": 2, "ref": 3, "ref.name_or_path": 2, "train": 4,
                      "train.learning_rate": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# The default install, and what is missing from it
+
+
+def test_default_install_has_deepspeed_and_bitsandbytes():
+    """`pip install -e .` (no extras) installs what --accelerate zero2/zero3 and --peft.method qlora need."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    def unconditional(requirements) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements if "extra ==" not in r}
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {"deepspeed", "bitsandbytes"} <= unconditional(declared)
+    dist = importlib.metadata.distribution("rlhf")
+    installed_from = json.loads(dist.read_text("direct_url.json") or "{}").get("url")
+    if installed_from == REPO.as_uri():  # this checkout is the installed one: what pip was told to install
+        assert {"deepspeed", "bitsandbytes"} <= unconditional(dist.requires or [])
+
+
+def _without(module: str, args: list[str], cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """The CLI in a process where `import module` fails, as in an environment that lacks it."""
+    code = (f"import sys\nsys.modules[{module!r}] = None\n{prelude}\nfrom rlhf.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_VLLM_PYTHON"}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])})
+
+
+@pytest.mark.parametrize("module, args, command", [
+    ("bitsandbytes", ["--peft.method", "qlora"], "pip install bitsandbytes"),
+    ("deepspeed", ["--accelerate", "zero2", "--num_processes", "1"], "pip install deepspeed"),
+])
+def test_a_missing_package_is_one_line_naming_its_install(tmp_path, module, args, command):
+    p = _without(module, ["sft", "--config", str(REPO / "configs" / "sft_tiny.yaml"), "--output_dir",
+                          str(tmp_path / "out"), "--train.max_steps", "1", *args], REPO)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("rlhf sft: error:") and command in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_vllm_is_one_line_naming_its_install(pickles, tmp_path):
+    """Without vLLM here, in RLHF_VLLM_PYTHON or a .venv-vllm (the checkout's is hidden), `--engine vllm` says
+    which command creates one."""
+    hide_checkout_env = f"import rlhf.generation.vllm_engine as e\ne.REPO_ROOT = __import__('pathlib').Path({str(tmp_path)!r})"
+    p = _without("vllm", ["generate", "--model", str(pickles / "lm_safe"), "--engine", "vllm",
+                                  "--output", str(tmp_path / "g.jsonl")], tmp_path, hide_checkout_env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and "python -m rlhf.generation.vllm_env" in p.stderr, p.stderr
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_missing_flash_attn_is_one_line_naming_its_install(pickles, monkeypatch):
+    from policies.config import ModelConfig
+    from policies.models import ModelLoadError, load_causal_lm
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    lm = str(pickles / "lm_safe")
+    with pytest.raises(ModelLoadError, match="flash_attention_2 needs the package flash_attn.*pip install flash-attn"):
+        load_causal_lm(lm, ModelConfig(name_or_path=lm, attn_implementation="flash_attention_2"))
