@@ -87,7 +87,7 @@ def _run(args: list[str], root: Path, stdin: str = "y\n" * 50) -> subprocess.Com
 
 
 # Each loader that takes a model from the user, on the custom-code folders, in one process with "y" on stdin.
-WALK = '''
+WALK = r'''
 import json, sys
 from pathlib import Path
 import torch
@@ -104,7 +104,8 @@ from rlhf.stages.merge import merge
 loaders = {
     "load_tokenizer": lambda: models.load_tokenizer(model, ModelConfig(name_or_path=model)),
     "load_causal_lm": lambda: models.load_causal_lm(model, ModelConfig(name_or_path=model)),
-    "load_sequence_classifier": lambda: reward_models.load_sequence_classifier(model, ModelConfig(name_or_path=model), 1, 0),
+    "load_sequence_classifier": lambda: reward_models.load_sequence_classifier(
+        model, ModelConfig(name_or_path=model), 1, 0),
     "merged_base": lambda: reward_models.merged_base(adapter, root / "merged_base", ModelConfig(name_or_path=adapter)),
     "load_reward": lambda: load_reward(reward, device="cpu"),
     "load_lm": lambda: load_lm(model),
@@ -347,7 +348,8 @@ def test_yaml_with_a_few_aliases_still_loads(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: &m\n  name_or_path: tiny\nref: *m\ntrain:\n  learning_rate: 0.001\n")
     data, lines = config.read_yaml(str(path))
-    assert data == {"model": {"name_or_path": "tiny"}, "ref": {"name_or_path": "tiny"}, "train": {"learning_rate": 0.001}}
+    assert data == {"model": {"name_or_path": "tiny"}, "ref": {"name_or_path": "tiny"},
+                    "train": {"learning_rate": 0.001}}
     assert lines == {"model": 1, "model.name_or_path": 2, "ref": 3, "ref.name_or_path": 2, "train": 4,
                      "train.learning_rate": 5}
 
@@ -397,7 +399,8 @@ def test_a_missing_package_is_one_line_naming_its_install(tmp_path, module, args
 def test_missing_vllm_is_one_line_naming_its_install(pickles, tmp_path):
     """Without vLLM here, in RLHF_VLLM_PYTHON or a .venv-vllm (the checkout's is hidden), `--engine vllm` says
     which command creates one."""
-    hide_checkout_env = f"import rlhf.generation.vllm_engine as e\ne.REPO_ROOT = __import__('pathlib').Path({str(tmp_path)!r})"
+    hide_checkout_env = ("import pathlib\nimport rlhf.generation.vllm_engine as engine\n"
+                         f"engine.REPO_ROOT = pathlib.Path({str(tmp_path)!r})")
     p = _without("vllm", ["generate", "--model", str(pickles / "lm_safe"), "--engine", "vllm",
                                   "--output", str(tmp_path / "g.jsonl")], tmp_path, hide_checkout_env)
     assert p.returncode == 2, p.stderr[-2000:]
