@@ -38,9 +38,6 @@ def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
     return str(out_dir)
 
 
-PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth", "*.ckpt")
-
-
 def _safetensors_index_ok(index: Path) -> bool:
     """True when a model.safetensors.index.json names only .safetensors shards that exist beside it."""
     try:
@@ -54,18 +51,17 @@ def _safetensors_index_ok(index: Path) -> bool:
 def pickles_read(path: Path) -> list[str]:
     """The pickle files a load of directory `path` would read, as the loaders choose them: peft reads
     adapter_model.safetensors, else adapter_model.bin; transformers reads model.safetensors or the shards
-    of model.safetensors.index.json, else pytorch_model.bin or its shards. Only those names count: a
-    stray `decoy.safetensors` is read by nobody and does not make a pickle beside it safe."""
+    of model.safetensors.index.json, else pytorch_model.bin or its shards (pytorch_model-*.bin). Only
+    those names count: a stray `decoy.safetensors` is read by nobody and does not make a pickle beside
+    it safe, and a checkpoint's optimizer.pt is not model weights."""
     found: set[str] = set()
     is_adapter = (path / "adapter_config.json").is_file()
     if is_adapter and not (path / "adapter_model.safetensors").is_file() and (path / "adapter_model.bin").is_file():
         found.add("adapter_model.bin")
     if not is_adapter or (path / "config.json").is_file():
         index = path / "model.safetensors.index.json"
-        safe = (path / "model.safetensors").is_file() or (index.is_file() and _safetensors_index_ok(index))
-        if not safe:
-            found |= {f.name for pattern in PICKLE_WEIGHTS if pattern != "adapter_model.bin"
-                      for f in path.glob(pattern)}
+        if not ((path / "model.safetensors").is_file() or (index.is_file() and _safetensors_index_ok(index))):
+            found |= {f.name for f in path.glob("pytorch_model*.bin")}
     return sorted(found)
 
 

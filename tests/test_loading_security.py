@@ -263,7 +263,7 @@ def test_a_decoy_safetensors_does_not_pass_the_guard(pickles, tmp_path):
         (pickles / "lm_safe" / "pytorch_model.bin").unlink()
 
 
-def test_a_sharded_model_is_judged_by_its_index(pickles, tmp_path):
+def test_the_guard_reads_the_index_and_ignores_non_weights(tmp_path):
     from policies.models import ModelLoadError, refuse_pickle_weights
 
     folder = tmp_path / "sharded"
@@ -281,6 +281,17 @@ def test_a_sharded_model_is_judged_by_its_index(pickles, tmp_path):
     index.write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"model.safetensors.index.json: malformed index"):
         refuse_pickle_weights(str(folder), False)
+    # a training checkpoint: its optimizer and RNG pickles are not weights any loader reads (resume checks them)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    for name in ("adapter_config.json", "config.json"):
+        (checkpoint / name).write_text("{}")
+    for name in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "training_args.bin"):
+        (checkpoint / name).write_bytes(b"")
+    refuse_pickle_weights(str(checkpoint), False)
+    (checkpoint / "adapter_model.safetensors").rename(checkpoint / "adapter_model.bin")
+    with pytest.raises(ModelLoadError, match=r"checkpoint-2' holds its weights only as pickles \(adapter_model.bin\)"):
+        refuse_pickle_weights(str(checkpoint), False)
 
 
 def test_allowed_pickle_that_torch_refuses_is_one_line(pickles, tmp_path):
