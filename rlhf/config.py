@@ -215,8 +215,9 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     from rlhf.data.sources import read_text
 
     text = read_text(path)
-    loader = _UniqueKeyLoader(text)
+    loader = None
     try:  # compose once, bound the expanded size, then build: the same steps as yaml.load, checked between
+        loader = _UniqueKeyLoader(text)  # its reader refuses unprintable characters at once
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
             raise UserError(f"{path}: the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases "
@@ -232,7 +233,8 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
         raise UserError(f"{path}: the YAML nests too deeply, or an alias (*name) refers to the value that "
                         "holds it; a config is a few levels of sections") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
     return data, lines
