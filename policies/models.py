@@ -6,8 +6,10 @@ safetensors; remote code runs only when `model.trust_remote_code` is set.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -79,22 +81,82 @@ def materialize(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> str:
     return str(out_dir)
 
 
-PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth", "*.ckpt")
+def _safetensors_index_ok(index: Path) -> bool:
+    """True when a model.safetensors.index.json names only .safetensors shards that exist beside it."""
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(f"{index}: malformed index (expected JSON with a weight_map of shard names)") from None
+    return bool(shards) and all(isinstance(s, str) and s.endswith(".safetensors") and (index.parent / s).is_file()
+                                for s in shards)
+
+
+def pickles_read(path: Path) -> list[str]:
+    """The pickle files a load of directory `path` would read, as the loaders choose them: peft reads
+    adapter_model.safetensors, else adapter_model.bin; transformers reads model.safetensors or the shards
+    of model.safetensors.index.json, else pytorch_model.bin or its shards (pytorch_model-*.bin). Only
+    those names count: a stray `decoy.safetensors` is read by nobody and does not make a pickle beside
+    it safe, and a checkpoint's optimizer.pt is not model weights."""
+    found: set[str] = set()
+    is_adapter = (path / "adapter_config.json").is_file()
+    if is_adapter and not (path / "adapter_model.safetensors").is_file() and (path / "adapter_model.bin").is_file():
+        found.add("adapter_model.bin")
+    if not is_adapter or (path / "config.json").is_file():
+        index = path / "model.safetensors.index.json"
+        if not ((path / "model.safetensors").is_file() or (index.is_file() and _safetensors_index_ok(index))):
+            found |= {f.name for f in path.glob("pytorch_model*.bin")}
+    return sorted(found)
 
 
 def refuse_pickle_weights(name_or_path: str, allow: bool, option: str = "model.allow_pickle_weights") -> None:
-    """A local model or adapter directory whose weights exist only as pickles is refused unless `allow`:
-    unpickling a file can run code (safetensors cannot). Hub ids are loaded with use_safetensors=True.
-    `option` is the opt-in as the user writes it: a config field, or a command-line flag (`--...`)."""
+    """A local model or adapter directory whose weights the loader would read from pickles is refused
+    unless `allow`: unpickling a file can run code (safetensors cannot). Hub ids are loaded with
+    use_safetensors=True. `option` is the opt-in as the user writes it: a config field, or a
+    command-line flag (`--...`)."""
     path = Path(os.path.expanduser(str(name_or_path)))
-    if allow or not path.is_dir() or any(path.glob("*.safetensors")):
+    if allow or not path.is_dir():
         return
-    pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern)})
+    pickles = pickles_read(path)
     if pickles:
         opt_in = f"pass {option}" if option.startswith("--") else f"set {option}: true"
         raise ModelLoadError(f"'{name_or_path}' holds its weights only as pickles ({', '.join(pickles[:3])}), and "
                              f"loading a pickle can run code; convert them to safetensors, or {opt_in} "
                              "if you trust where they came from")
+
+
+# What loading a model can raise because of what the user named: a missing or malformed file (OSError,
+# ValueError, custom code refused), a pickle torch's weights-only unpickler refused (allow_pickle_weights),
+# or a package an option needs that is not installed (ImportError; the known ones are named by `require`).
+LOAD_ERRORS = (OSError, ValueError, pickle.UnpicklingError, ImportError)
+
+# Packages an option needs beyond the default install (or in it, but possibly removed), and how to install each.
+INSTALL_COMMANDS = {"bitsandbytes": "pip install bitsandbytes",
+                    "flash_attn": "pip install flash-attn --no-build-isolation (needs a CUDA GPU)"}
+
+
+def require(module: str, option: str) -> None:
+    """One line naming the install command when the package `option` needs is missing, before transformers
+    fails on it with a traceback."""
+    if importlib.util.find_spec(module) is None:
+        raise ModelLoadError(f"{option} needs the package {module}, which is not installed in this environment; "
+                             f"install it with: {INSTALL_COMMANDS[module]}")
+
+
+def require_attention(cfg: ModelConfig) -> None:
+    """model.attn_implementation flash_attention_2 needs the flash-attn package."""
+    if cfg.attn_implementation == "flash_attention_2":
+        require("flash_attn", "model.attn_implementation: flash_attention_2")
+
+
+def load_failure(e: Exception) -> str:
+    """One line saying why a load failed (`e` one of LOAD_ERRORS). torch's refusal of a pickle is a
+    paragraph that suggests weights_only=False; only what it refused is kept."""
+    if isinstance(e, pickle.UnpicklingError):
+        noise = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        why = [line.strip().rstrip(".") for line in str(e).splitlines() if line.strip() and not line.startswith(noise)]
+        detail = f" ({'; '.join(why)})" if why else ""
+        return f"torch's weights-only loader refused a pickle weights file{detail}: it holds more than plain tensors"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def refuse_pickle_weights_with_base(path: str, allow: bool, option: str = "model.allow_pickle_weights") -> None:
@@ -204,6 +266,7 @@ def quantization_config(cfg: ModelConfig):
     """4-bit NF4 with double quantisation (QLoRA, Dettmers et al. 2023)."""
     from transformers import BitsAndBytesConfig
 
+    require("bitsandbytes", "peft.method qlora (4-bit weights)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch_dtype(cfg))
 
@@ -217,17 +280,18 @@ def load_causal_lm(name_or_path: str, cfg: ModelConfig, method: str = "full", *,
     _check_exists(name_or_path)
     refuse_pickle_weights(name_or_path, cfg.allow_pickle_weights)
     dtype = master_dtype(cfg, deepspeed=False, method=method) if master_weights else torch_dtype(cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+    kwargs = dict(revision=cfg.revision, dtype=dtype,
                   use_safetensors=None if cfg.allow_pickle_weights else True)
     if cfg.attn_implementation:
+        require_attention(cfg)
         kwargs["attn_implementation"] = cfg.attn_implementation
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except LOAD_ERRORS as e:
         raise ModelLoadError(f"model.name_or_path '{name_or_path}': could not load a causal LM with "
-                             f"safetensors weights ({str(e).splitlines()[0]})") from None
+                             f"safetensors weights ({load_failure(e)})") from None
 
 
 def peft_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", tokenizer_name: str | None = None):

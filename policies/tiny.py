@@ -55,7 +55,7 @@ def load_tokenizer():
     """The shipped tiny tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR, trust_remote_code=False)
 
 
 def build_model(cfg: TinyModelConfig, tokenizer, seed: int = 0):

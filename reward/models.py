@@ -126,10 +126,10 @@ def merged_base(name_or_path: str, out_dir: str | Path, cfg: ModelConfig) -> str
             model = AutoPeftModelForCausalLM.from_pretrained(
                 str(path), dtype=models.torch_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                 use_safetensors=None if cfg.allow_pickle_weights else True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    except models.LOAD_ERRORS as e:
         raise models.ModelLoadError(f"model.name_or_path '{name_or_path}' is a peft adapter whose base could not "
-                                    f"be loaded ({str(e).splitlines()[0]})") from None
+                                    f"be loaded ({models.load_failure(e)})") from None
     model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     stamp_file.write_text(json.dumps(stamp))
@@ -172,11 +172,12 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
     from transformers import AutoModelForSequenceClassification
 
     models.refuse_pickle_weights(name_or_path, cfg.allow_pickle_weights)
-    kwargs: dict[str, Any] = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+    kwargs: dict[str, Any] = dict(revision=cfg.revision,
                                   dtype=models.torch_dtype(cfg), num_labels=num_labels,
                                   use_safetensors=None if cfg.allow_pickle_weights else True,
                                   **config_kwargs)
     if cfg.attn_implementation:
+        models.require_attention(cfg)
         kwargs["attn_implementation"] = cfg.attn_implementation
     if method == "qlora":
         quant = models.quantization_config(cfg)
@@ -185,10 +186,11 @@ def load_sequence_classifier(name_or_path: str, cfg: ModelConfig, num_labels: in
     models._check_exists(name_or_path)  # a missing local path: one line at once, not after hub retries
     try:
         with quiet_loading():  # "score.weight newly initialised": expected, the head is trained here
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except models.LOAD_ERRORS as e:
         raise models.ModelLoadError(f"model.name_or_path '{name_or_path}': could not load a sequence classifier "
-                                    f"with safetensors weights ({str(e).splitlines()[0]})") from None
+                                    f"with safetensors weights ({models.load_failure(e)})") from None
     model.config.pad_token_id = pad_token_id  # the score is read at the last non-pad token
     return model
 
@@ -291,7 +293,7 @@ def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | 
                       allow_pickle_weights=allow_pickle_weights)
     models.refuse_pickle_weights(str(directory), allow_pickle_weights, "allow_pickle_weights")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise RewardError(f"{directory}: no tokenizer could be loaded ({str(e).splitlines()[0]}); a reward "
                           "directory holds its tokenizer") from None
@@ -310,23 +312,28 @@ def load_scorer(directory: str | Path, device: str | torch.device, dtype: str | 
                          problem_type=info.get("problem_type"))
         model = load_sequence_classifier(base, cfg, num_labels, tokenizer.pad_token_id,
                                          "qlora" if quantized else "full", **extra)
-        with quiet_loading():
-            model = peft.PeftModel.from_pretrained(model, str(directory))
+        try:
+            with quiet_loading():
+                model = peft.PeftModel.from_pretrained(model, str(directory))
+        except models.LOAD_ERRORS as e:
+            raise RewardError(f"{directory}: could not load the adapter ({models.load_failure(e)})") from None
         if not quantized:
             model = model.merge_and_unload()
     else:
         try:
-            AutoConfig.from_pretrained(str(directory))
-        except (OSError, ValueError):
+            AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        except models.LOAD_ERRORS as e:
+            if (directory / "config.json").is_file():
+                raise RewardError(f"{directory}: could not load its config.json ({models.load_failure(e)})") from None
             raise RewardError(f"'{directory}' is neither a model directory (config.json) nor a LoRA adapter "
                               "directory (adapter_config.json)") from None
         try:
             with quiet_loading():
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    str(directory), dtype=models.torch_dtype(cfg),
+                    str(directory), dtype=models.torch_dtype(cfg), trust_remote_code=False,
                     use_safetensors=None if allow_pickle_weights else True)
-        except (OSError, ValueError) as e:
-            raise RewardError(f"{directory}: could not load a sequence classifier ({str(e).splitlines()[0]})") from None
+        except models.LOAD_ERRORS as e:
+            raise RewardError(f"{directory}: could not load a sequence classifier ({models.load_failure(e)})") from None
         model.config.pad_token_id = tokenizer.pad_token_id
     if not quantized:
         model.to(device)

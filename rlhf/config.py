@@ -207,20 +207,63 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A config is a few hundred YAML values. Aliases (`*name`) share one node however often they repeat, so a
+# kilobyte of nested aliases stands for billions of values ("billion laughs"); anything that walks the
+# document (the line map, the dataclass conversion, a config saved as JSON) would expand them all.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """Values in `node` with every alias expanded, computed once per distinct node (`sizes`, by id), so
+    the count costs one pass over the composed document however large the expansion. None in `sizes`
+    marks a node being counted: meeting it again is an alias to a node that holds it."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise RecursionError
+        return sizes[key]
+    sizes[key] = None
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_VALUES:  # stop counting: the answer is already "too many"
+            break
+    sizes[key] = total
+    return total
+
+
 def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     if not os.path.isfile(path):
         raise UserError(f"--config '{path}' does not exist")
     from rlhf.data.sources import read_text
 
     text = read_text(path)
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-        lines = _yaml_lines(yaml.compose(text)) if data else {}
+    loader = None
+    try:  # compose once, bound the expanded size, then build: the same steps as yaml.load, checked between
+        loader = _UniqueKeyLoader(text)  # its reader refuses unprintable characters at once
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UserError(f"{path}: the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases "
+                            "(*name); a config holds a few hundred")
+        data = (loader.construct_document(node) if node is not None else None)
+        lines = _yaml_lines(node) if data else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
         raise UserError(f"{where}: invalid YAML ({' '.join(str(problem).split())})") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML nests too deeply, or an alias (*name) refers to the value that "
+                        "holds it; a config is a few levels of sections") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:  # 0 bytes, only comments or `---`: every default would run without a word
         raise UserError(f"{path}: the config file is empty; expected a mapping of config sections "
                         "(e.g. `model:`, `train:`), or leave out --config to run on the defaults")

@@ -420,7 +420,8 @@ def run_seed(cfg: BenchAlignConfig, seed: int, out: Path) -> dict:
     t = time.perf_counter()
     sft_dir = run_sft(cfg, out, seed)
     timings["sft"] = time.perf_counter() - t
-    sft, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir)  # labels, best-of-n, KL reference
+    # labels, best-of-n, KL reference
+    sft, tok = load_lm(sft_dir), AutoTokenizer.from_pretrained(sft_dir, trust_remote_code=False)
     t = time.perf_counter()
     splits = label_pairs(cfg, sft, tok, out, seed)
     rm_dir = run_reward(cfg, sft_dir, out, seed)

@@ -140,7 +140,7 @@ def model_config(cfg: BenchSpeedConfig):
         shape = dict(SHAPES[cfg.model])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
     try:
-        return AutoConfig.from_pretrained(cfg.model)
+        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"model: could not read a config for '{cfg.model}' ({str(e).splitlines()[0]})") from None
 
@@ -216,8 +216,9 @@ def load_reward_model(path: str, device):
 
     from reward.interface import PreferenceReward
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).to(device).eval()
-    return PreferenceReward(model, AutoTokenizer.from_pretrained(path), batch_size=1 << 30, device=device)
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return PreferenceReward(model.to(device).eval(), tokenizer, batch_size=1 << 30, device=device)
 
 
 # ---------------------------------------------------------------------------------------------

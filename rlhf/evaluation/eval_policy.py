@@ -72,15 +72,17 @@ def load_lm(path: str, allow_pickle_weights: bool = False):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from policies.models import ModelLoadError, _check_exists, refuse_pickle_weights_with_base
+    from policies.models import (LOAD_ERRORS, ModelLoadError, _check_exists, load_failure,
+                                 refuse_pickle_weights_with_base)
 
     _check_exists(path)
     refuse_pickle_weights_with_base(path, allow_pickle_weights, "--allow_pickle_weights true")
     cls = AutoPeftModelForCausalLM if (Path(path) / "adapter_config.json").exists() else AutoModelForCausalLM
     try:
-        return cls.from_pretrained(path, use_safetensors=None if allow_pickle_weights else True).eval()
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"'{path}' could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
+        return cls.from_pretrained(path, use_safetensors=None if allow_pickle_weights else True,
+                                   trust_remote_code=False).eval()
+    except LOAD_ERRORS as e:
+        raise ModelLoadError(f"'{path}' could not be loaded as a causal LM ({load_failure(e)})") from None
 
 
 @torch.no_grad()
@@ -187,7 +189,7 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
                              batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
     policy = load_lm(cfg.policy, cfg.allow_pickle_weights)
     reference = load_lm(cfg.reference, cfg.allow_pickle_weights)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=False)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"the tokenizer of '{cfg.policy}' needs a PAD token distinct from EOS")
 

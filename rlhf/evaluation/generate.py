@@ -99,7 +99,7 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
         from policies.models import refuse_pickle_weights_with_base
 
         refuse_pickle_weights_with_base(cfg.model, cfg.allow_pickle_weights, "--allow_pickle_weights true")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"--model: the tokenizer of '{cfg.model}' needs a PAD token distinct from EOS")
 

@@ -251,7 +251,8 @@ def _reward_lora_config(spec: str):
 def _load_reward_body(spec: str, dtype: torch.dtype):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True, dtype=dtype)
+    return AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True, dtype=dtype,
+                                                              trust_remote_code=False)
 
 
 def _init_critic_from_reward(ac, spec: str, info: dict) -> None:

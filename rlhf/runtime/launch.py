@@ -8,6 +8,7 @@ config file, so nobody has to remember the accelerate command line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def command(stage: str, launch: dict[str, str], rest: list[str]) -> tuple[list[s
             cmd += [key, launch[key[2:]]]
     env = {LAUNCHED_ENV: "1"}
     preset = yaml.safe_load(path.read_text()) or {}
+    if preset.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--accelerate {launch['accelerate']} runs DeepSpeed, which is not installed in this "
+                        "environment; install it with: pip install deepspeed")
     if preset.get("distributed_type") in ("MULTI_GPU", "MULTI_CPU") and not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo on a CPU-only machine
     return cmd + ["-m", "rlhf", stage, *rest], env

@@ -271,7 +271,7 @@ def _load_config(name: str, path: str, where: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model '{name}': could not load its config from {where} "
                         f"({str(e).splitlines()[0]}); pass a size like 7B instead (or a local "

@@ -25,7 +25,7 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from policies.models import check_json_files, read_json, refuse_pickle_weights
+    from policies.models import LOAD_ERRORS, check_json_files, load_failure, read_json, refuse_pickle_weights
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     cfg_file = adapter / "adapter_config.json"
@@ -50,12 +50,16 @@ def merge(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = 
         refuse_pickle_weights(weights, allow_pickle_weights, option)
         check_json_files(weights)  # peft and transformers read them with a traceback, or without naming them
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype,
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=False,
                                                      use_safetensors=None if allow_pickle_weights else True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"base model '{base}' could not be loaded ({str(e).splitlines()[0]}); pass --base") from None
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
+    except LOAD_ERRORS as e:
+        raise UserError(f"base model '{base}' could not be loaded ({load_failure(e)}); pass --base") from None
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except LOAD_ERRORS as e:
+        raise UserError(f"ADAPTER_DIR '{adapter}' could not be loaded ({load_failure(e)})") from None
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base,
+                                              trust_remote_code=False)
 
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -289,14 +289,16 @@ def _run(spec: dict, out_dir: str) -> dict:
 
     set_seed(spec["seed"])
     dtype = getattr(torch, spec["dtype"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["policy"], trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         raise PeerError(f"the tokenizer in {spec['policy']} has no pad token (TRL's PPO masks by pad id)")
     tokenizer.padding_side = "left"  # generation needs left-padded prompts
 
-    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=dtype)
-    value_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=dtype)
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype, trust_remote_code=False)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=dtype,
+                                                                      trust_remote_code=False)
+    value_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=dtype,
+                                                                      trust_remote_code=False)
     for m in (reward_model, value_model):
         if m.config.pad_token_id is None:
             m.config.pad_token_id = tokenizer.pad_token_id
@@ -304,7 +306,7 @@ def _run(spec: dict, out_dir: str) -> dict:
     peft_config = None
     ref_model = None
     if spec["lora"] is None:
-        ref_model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype, trust_remote_code=False)
     else:
         try:
             from peft import LoraConfig
