@@ -266,8 +266,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1")
     ap.add_argument("--prepare", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="work folder (with $OUT set, the "
-                    "table, the results and the logs are copied there too)")
+    ap.add_argument("--out", default=os.environ.get("GPU_CHECK_WORK") or str(REPO / "runs" / "gpu_check"),
+                    help="work folder (with $OUT set, the table, the results and the logs are copied there too)")
     ap.add_argument("--budget_s", type=float, default=None, help="time for all steps (default 440 s, dry 300 s)")
     ap.add_argument("--trl_ppo_python", default=os.environ.get("GPU_CHECK_TRL_PPO_PYTHON") or None)
     args = ap.parse_args()

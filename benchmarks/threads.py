@@ -14,8 +14,10 @@ The time is the command's own (`rlhf.cli.main`), measured in the child process a
 imported: import time does not depend on threads and would dilute the ratios. Policies:
 - `old`: what the commands did before the thread policy (torch's default: one thread per core, OpenMP's
   default wait); `rlhf.runtime.threads` is switched off in the child.
-- `new`: the policy of `rlhf.runtime.threads` (what every `rlhf` command does now).
-- `one_thread`, `one_thread_passive`, `spin1k`, `spin10k` (GOMP_SPINCOUNT): variants measured to choose the policy.
+- `new`: the policy of `rlhf.runtime.threads` (what every `rlhf` command does now: the cores this process
+  may use, fewer while another process holds them).
+- `new_passive`, `one_thread`, `one_thread_passive`, `spin1k`, `spin10k` (GOMP_SPINCOUNT): variants
+  measured to choose the policy.
 
 Acceptance (issue 22): beside one busy process every stage at most 2x slower than alone (new policy), and
 alone no slower than old.
@@ -40,6 +42,7 @@ STAGES = ("sft", "reward", "dpo", "ppo", "generate", "eval")
 POLICIES = {
     "old": ({}, True),
     "new": ({}, False),
+    "new_passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the policy with OpenMP's passive wait
     "one_thread": ({"OMP_NUM_THREADS": "1"}, True),
     "one_thread_passive": ({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}, True),
     "spin1k": ({"GOMP_SPINCOUNT": "1000"}, True),
@@ -127,10 +130,7 @@ def child(mode: str, result: Path, argv: list[str]) -> int:
     from rlhf.runtime import threads
 
     if mode == "old":
-        threads.configure = lambda env=None: None  # no wait policy
         threads.set_threads = _old_set_threads
-    else:
-        threads.configure()
     # Imports first (untimed): what every stage loads.
     import peft  # noqa: F401
     import torch  # noqa: F401

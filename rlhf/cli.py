@@ -168,9 +168,6 @@ def quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from rlhf.runtime import threads
-
-    threads.configure()  # how OpenMP threads wait: before anything below loads torch (rlhf/runtime/threads.py)
     if "--verbose" in argv:
         argv = [a for a in argv if a != "--verbose"]
     else:
@@ -195,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             code = launch.relaunch(command, rest)
             if code is not None:
                 return code
+            from rlhf.runtime import threads
+
             threads.set_threads()  # every stage computes with the same thread policy
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:

@@ -1,5 +1,5 @@
 """The thread policy (rlhf/runtime/threads.py): cores from the affinity and the cgroup quota, shared by the
-local processes, the user's settings winning; the wait policy set before torch loads."""
+local processes, the user's settings winning; fewer threads while other processes hold the cores."""
 
 import os
 
@@ -85,11 +85,13 @@ def test_default_threads_reads_this_process_affinity(monkeypatch):
 def torch_threads():
     before = torch.get_num_threads()
     yield
+    threads._stop_adaptive()  # no watcher outlives its test
     torch.set_num_threads(before)
 
 
 def test_user_omp_num_threads_wins(monkeypatch, torch_threads):
     monkeypatch.setattr(threads, "default_threads", lambda *a, **k: 2)
+    monkeypatch.setattr(threads, "_start_adaptive", lambda most: None)
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads.set_threads() == 1 == torch.get_num_threads()
@@ -104,37 +106,76 @@ def test_explicit_count_wins_over_everything(monkeypatch, torch_threads):
         threads.set_threads(0)
 
 
-# --- wait policy ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("env, expected", [
-    ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # the user's choice stays
-    ({"GOMP_SPINCOUNT": "10000"}, {"GOMP_SPINCOUNT": "10000"}),
-    ({"KMP_BLOCKTIME": "0"}, {"KMP_BLOCKTIME": "0"}),
-])
-def test_wait_policy(env, expected):
-    threads.configure(env)
-    assert env == expected
-
+# --- the command line -------------------------------------------------------------------------------
 
 def test_cli_applies_the_policy_before_the_command(monkeypatch):
     calls = []
-    monkeypatch.setattr(threads, "configure", lambda env=None: calls.append("configure"))
     monkeypatch.setattr(threads, "set_threads", lambda n=None: calls.append("set_threads"))
     monkeypatch.setitem(cli.COMMANDS, "generate", lambda argv: calls.append("command"))
     assert cli.main(["generate"]) == 0
-    assert calls == ["configure", "set_threads", "command"]
+    assert calls == ["set_threads", "command"]
 
 
-def test_cli_sets_the_wait_policy_before_torch_loads(tmp_path):
-    import subprocess
-    import sys
+# --- following the free cores -----------------------------------------------------------------------
 
-    # the wait policy is in the environment, and torch not yet loaded, when main() sets it
-    code = ("import os, sys; from rlhf import cli; from rlhf.runtime import threads; real = threads.configure\n"
-            "def configure(env=None):\n    real(env); print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
-            "threads.configure = configure; cli.main(['merge', '--help'])")
-    env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_VARIABLES}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
-                         check=True)
-    assert out.stdout.strip().splitlines()[0] == "False PASSIVE"
+@pytest.mark.parametrize("current, most, waiting, idle, idle_before, expected", [
+    (2, 2, 0.0, 0.0, 0.0, 2),  # alone, cores busy with our own work: keep
+    (2, 2, 0.6, 0.0, 0.0, 1),  # our threads wait for a CPU another process holds: fewer
+    (1, 2, 0.0, 0.0, 0.0, 1),  # the other core is still taken
+    (1, 2, 0.0, 0.9, 0.2, 1),  # idle for one interval only: not yet
+    (1, 2, 0.0, 0.9, 0.95, 2),  # idle for two: back up
+    (16, 16, 4.3, 0.0, 0.0, 12),  # four CPUs' worth of waiting on a big machine
+    (8, 16, 0.0, 7.9, 7.8, 16),
+    (8, 16, 0.0, 3.2, 3.0, 11),
+    (1, 1, 3.0, 0.0, 0.0, 1),  # never below one
+])
+def test_next_threads(current, most, waiting, idle, idle_before, expected):
+    assert threads.next_threads(current, most, waiting, idle, idle_before) == expected
+
+
+def test_adaptive_sets_the_count_on_the_main_thread(monkeypatch, torch_threads):
+    """Fake readings: our threads wait (another process holds a core), then the cores stand idle."""
+    import time
+
+    clock = {"wait_ns": 0, "idle_s": 0.0, "phase": "busy"}
+
+    def task_waits():
+        if clock["phase"] == "busy":
+            clock["wait_ns"] += 10**9  # far more waiting than any interval lasts
+        return {1: clock["wait_ns"]}
+
+    def idle(cpus):
+        if clock["phase"] == "idle":
+            clock["idle_s"] += 5.0
+        return {c: clock["idle_s"] for c in cpus}
+
+    monkeypatch.setattr(threads, "_task_waits", task_waits)
+    monkeypatch.setattr(threads, "_idle", idle)
+    torch.set_num_threads(2)
+    adaptive = threads.Adaptive(2, interval=0.02).start()
+    try:
+        def main_thread_sees(n):  # Python bytecode runs here, where the pending call lands
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and torch.get_num_threads() != n:
+                sum(range(1000))
+            return torch.get_num_threads() == n
+
+        assert main_thread_sees(1)
+        clock["phase"] = "idle"
+        assert main_thread_sees(2)
+    finally:
+        adaptive.stop()
+
+
+def test_set_threads_starts_adapting_only_when_nothing_was_chosen(monkeypatch, torch_threads):
+    started = []
+    monkeypatch.setattr(threads, "_start_adaptive", lambda most: started.append(most))
+    monkeypatch.setattr(threads, "default_threads", lambda *a, **k: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    threads.set_threads()
+    assert started == []  # the user's OMP_NUM_THREADS: kept as it is
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads.set_threads(2)
+    assert started == []  # an explicit count: kept
+    assert threads.set_threads() == 2 and started == [2]

@@ -1,19 +1,22 @@
-"""How many CPU threads each command computes with, and how they wait: one policy for every stage.
+"""How many CPU threads each command computes with: one policy for every stage.
 
 Measured on a 2-core machine (issue 22, `benchmarks/threads.py`): beside one busy single-threaded
-process, OpenMP's default wait (each thread spins ~300k iterations at every barrier before sleeping)
-made PPO 13x and the reward model 4x slower than alone. A thread that spins while the one it waits for
-has been descheduled burns the time slice the other one needs; with hundreds of small ops per step,
-every op then costs a scheduler slice. Waiting passively (sleeping at once) fixes most of it.
+process, torch's default (one OpenMP thread per core, spinning at every barrier for ~15 ms before it
+sleeps) made PPO up to 13x and the reward model 4x slower than alone: a thread that spins while the one it
+waits for has been descheduled burns the time slice the other one needs, and each of the hundreds of small
+parallel ops per step then costs a scheduler slice. One thread has no barriers and ran 1.2-1.35x slower
+than alone. OpenMP's passive wait (OMP_WAIT_POLICY=PASSIVE) also survived the neighbour, but alone it lost
+most of what the second thread gives (PPO 7.7 s instead of 4.7 s): at small shapes the parallel ops are
+shorter than waking a sleeping thread. So the threads keep OpenMP's fast wait, and their number follows
+the machine.
 
-The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`), before torch loads:
-- `configure()`: `OMP_WAIT_POLICY=PASSIVE`, unless the user chose a wait (OMP_WAIT_POLICY, GOMP_SPINCOUNT
-  or KMP_BLOCKTIME set). It must be set before OpenMP initialises: libgomp reads it once, when torch
-  loads it.
+The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`):
 - `set_threads(None)`: intra-op threads = the cores this process may use (its CPU affinity, which
   `taskset` or a cpuset narrows, and the cgroup CPU quota, which docker --cpus or a Kubernetes limit
-  sets; not `os.cpu_count()`), divided among the local processes of a multi-process launch. A user's
-  `OMP_NUM_THREADS` wins; an explicit count (`ppo.cpu_threads`) wins over both.
+  sets; not `os.cpu_count()`), divided among the local processes of a multi-process launch; then, on a
+  CPU-only Linux machine, fewer while other processes hold the cores and back up when they leave
+  (`Adaptive`). A user's `OMP_NUM_THREADS` wins (nothing adapts); an explicit count (`ppo.cpu_threads`)
+  wins over both.
 """
 
 from __future__ import annotations
@@ -26,28 +29,27 @@ from typing import Mapping, Optional
 from rlhf.errors import UserError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # a user's choice of how threads wait
 
 
-def configure(env: Optional[dict] = None) -> None:
-    """Set how OpenMP threads wait, in the environment (inherited by child processes: accelerate's ranks,
-    the vLLM worker). Call before torch is imported; afterwards it changes nothing in this process."""
-    env = os.environ if env is None else env
-    if not any(k in env for k in WAIT_VARIABLES):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
-def set_threads(n: Optional[int] = None) -> int:
+def set_threads(n: Optional[int] = None, adapt: bool = True) -> int:
     """Fix torch's intra-op threads and return the count: `n` if given, else the user's OMP_NUM_THREADS
-    (left as torch read it), else `default_threads()`."""
+    (left as torch read it), else `default_threads()`, then following the cores left free by other
+    processes (`Adaptive`, on a CPU-only Linux machine, with `adapt`). Call on the main thread."""
     import torch
 
     if n is None:
+        if _ADAPTIVE is not None:
+            return torch.get_num_threads()  # already chosen, and being adapted
         if "OMP_NUM_THREADS" in os.environ:
             return torch.get_num_threads()
         n = default_threads()
+        if adapt and n > 1 and not torch.cuda.is_available():
+            torch.set_num_threads(n)
+            _start_adaptive(n)
+            return n
     if n < 1:
         raise UserError(f"cpu_threads must be at least 1, got {n}")
+    _stop_adaptive()  # an explicit count is kept
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
@@ -137,3 +139,128 @@ def _ratio(quota: str, period: str) -> Optional[float]:
     except ValueError:
         return None
     return q / p if q > 0 and p > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# following the free cores
+
+
+def next_threads(current: int, most: int, waiting: float, idle: float, idle_before: float) -> int:
+    """The thread count for the next interval. `waiting`: CPUs' worth of time this process's threads spent
+    runnable but not running in the last interval (another process holds the cores); `idle` and
+    `idle_before`: CPUs' worth of idle time of this process's cores in the last two intervals.
+    Fewer threads as soon as ours wait; more only when cores stood idle for two intervals, so a burst of
+    another job's work does not make the count swing."""
+    if current > 1 and waiting > 0.25:
+        return max(1, current - max(1, round(waiting)))
+    if current < most and min(idle, idle_before) > 0.75:
+        return min(most, current + max(1, int(min(idle, idle_before) + 0.25)))
+    return current
+
+
+class Adaptive:
+    """Intra-op threads that follow the cores other processes leave free, between 1 and `most` (see the
+    module docstring for why). A daemon thread reads, every `interval` seconds, how long this process's
+    threads waited for a CPU (/proc/self/task/*/schedstat) and how idle its cores were (/proc/stat); a
+    new count is set on the main thread, by a pending call that runs between two Python bytecodes there
+    (OpenMP's thread count belongs to the thread that starts the parallel work)."""
+
+    def __init__(self, most: int, interval: float = 0.5):
+        import ctypes
+
+        self.most, self.current, self.interval = most, most, interval
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self._stop = False
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+        self._apply = callback_type(self._set_on_main_thread)  # kept alive: C holds only the pointer
+        self._add_pending_call = ctypes.pythonapi.Py_AddPendingCall
+        self._add_pending_call.argtypes = [callback_type, ctypes.c_void_p]
+        self._wanted = most
+
+    def start(self) -> "Adaptive":
+        import threading
+
+        threading.Thread(target=self._watch, name="rlhf-threads", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _set_on_main_thread(self, _arg) -> int:
+        if self._stop:
+            return 0
+        try:
+            import torch
+
+            torch.set_num_threads(self._wanted)
+            self.current = self._wanted
+        except Exception:  # never raise into the bytecode the main thread was running
+            pass
+        return 0
+
+    def _watch(self) -> None:
+        import time
+
+        waits, idle = _task_waits(), _idle(self.cpus)
+        idle_before = 0.0
+        start = time.monotonic()
+        while not self._stop:
+            time.sleep(self.interval)
+            now = time.monotonic()
+            new_waits, new_idle = _task_waits(), _idle(self.cpus)
+            seconds = max(now - start, 1e-3)
+            waiting = sum(v - waits[t] for t, v in new_waits.items() if t in waits) / 1e9 / seconds
+            idle_cpus = sum(new_idle[c] - idle[c] for c in new_idle if c in idle) / seconds if idle else 0.0
+            wanted = next_threads(self.current, self.most, waiting, idle_cpus, idle_before)
+            if wanted != self.current and wanted != self._wanted:
+                self._wanted = wanted
+                self._add_pending_call(self._apply, None)
+            waits, idle, idle_before, start = new_waits, new_idle, idle_cpus, now
+
+
+_ADAPTIVE: Optional[Adaptive] = None
+
+
+def _start_adaptive(most: int) -> None:
+    global _ADAPTIVE
+    if not Path("/proc/self/task").is_dir() or not Path("/proc/stat").is_file():
+        return  # not Linux: the count stays as set
+    try:
+        _ADAPTIVE = Adaptive(most).start()
+    except (AttributeError, OSError):  # no ctypes.pythonapi (not CPython)
+        _ADAPTIVE = None
+
+
+def _stop_adaptive() -> None:
+    global _ADAPTIVE
+    if _ADAPTIVE is not None:
+        _ADAPTIVE.stop()
+        _ADAPTIVE = None
+
+
+def _task_waits() -> dict[int, int]:
+    """{thread id: nanoseconds it has waited on a run queue} for this process's threads."""
+    waits = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            waits[int(tid)] = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # the thread ended meanwhile
+            continue
+    return waits
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _idle(cpus: list[int]) -> dict[int, float]:
+    """{cpu: seconds idle so far} for `cpus` (idle + iowait of /proc/stat)."""
+    wanted = {f"cpu{c}": c for c in cpus}
+    idle = {}
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] in wanted:
+                idle[wanted[fields[0]]] = (int(fields[4]) + int(fields[5])) / _CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return {}
+    return idle
