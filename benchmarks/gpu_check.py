@@ -151,7 +151,8 @@ def run_step(cmd: list[str], timeout_s: float, log: Path) -> tuple[int | None, f
 
 
 def pytest_summary(log: Path) -> str:
-    lines = [line.strip("= ") for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|skipped|error|deselected)", line)]
+    lines = [line.strip("= ") for line in log.read_text().splitlines()
+             if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)]
     return lines[-1] if lines else "no summary (see the log)"
 
 
@@ -206,7 +207,7 @@ def check(dry: bool, out: Path, budget_s: float, trl_ppo_python: str | None) -> 
 
     # 1. the GPU tests
     tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-             str(REPO / "tests" / ("test_gpu.py" if dry else ""))]
+             "--continue-on-collection-errors", str(REPO / "tests" / ("test_gpu.py" if dry else ""))]
     code, seconds = run_step(tests, min(120.0, deadline - time.perf_counter()), out / "pytest.log")
     summary = "out of time" if code is None else pytest_summary(out / "pytest.log")
     lines.append(f"pytest -m gpu: {summary} ({seconds:.0f} s; exit {code})")

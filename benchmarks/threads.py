@@ -5,8 +5,8 @@
     python benchmarks/threads.py --policies old new one_thread   # add a variant to compare
 
 The stages run at configs/quickstart.yaml's settings, shortened (SFT, reward and DPO 30 steps, PPO 5
-iterations, `rlhf generate` 4 samples of each of the 128 held-out prompts, `rlhf eval reward` on 2,000 pairs). "Busy" is one
-`python -c "while True: pass"` started beside the stage and stopped after it. Each configuration runs
+iterations, `rlhf generate` 4 samples of each of the 128 held-out prompts, `rlhf eval reward` on 2,000
+pairs). "Busy" is one `python -c "while True: pass"` started beside the stage and stopped after it. Each configuration runs
 `--repeats` times, interleaved (repeat 1 of every configuration, then repeat 2, ...), so a slow period of
 a shared machine spreads over all of them; the table gives medians and the spread (min-max).
 

@@ -10,7 +10,8 @@ split into generate / forward / score / train and the peak memory.
 
 The models are random-initialised at the shape named by `--model` (the built-in `tiny` shape, a named
 shape of rlhf/runtime/shapes.py such as `qwen2.5-0.5b` or `llama3-8b`, or any local directory / hub id
-whose config.json is read): speed does not depend on the weights. The reward model is a random sequence classifier of the same shape.
+whose config.json is read): speed does not depend on the weights. The reward model is a random sequence
+classifier of the same shape.
 Text goes through a word-level tokenizer over the model's whole vocabulary (token i is the word `t{i}`),
 built here, so any vocabulary size works offline and decoding then re-encoding a response gives back
 its tokens: every trainer sees exactly `prompt_length` + `response_length` tokens per sequence.

@@ -90,11 +90,11 @@ def _cpu_process_group() -> int:
 def set_cpu_threads(n: int | None) -> int:
     """Fix torch's intra-op thread count and return it: `n`, else the policy of `rlhf.runtime.threads`
     (the cores this process may use, shared between the local processes, unless OMP_NUM_THREADS says
-    otherwise). Each process would otherwise take one OpenMP thread per core: N processes oversubscribe
-    the CPU (measured: up to 100x slower PPO steps)."""
+    otherwise; kept as the `rlhf` command set it, adapting, when it did). Each process would otherwise take
+    one OpenMP thread per core: N processes oversubscribe the CPU (measured: up to 100x slower PPO steps)."""
     from rlhf.runtime import threads
 
-    return threads.set_threads(n)
+    return threads.set_threads(n, adapt=False)  # adapting starts only with a command (rlhf/cli.py)
 
 
 def check_world_size(world_size_env: int, num_processes: int) -> None:

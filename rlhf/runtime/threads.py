@@ -172,14 +172,17 @@ class Adaptive:
         self.cpus = sorted(os.sched_getaffinity(0))
         self._stop = False
         callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-        self._apply = callback_type(self._set_on_main_thread)  # kept alive: C holds only the pointer
+        self._apply = callback_type(self._set_on_main_thread)
+        _CALLBACKS.append(self._apply)  # never freed: a pending call may hold its pointer after stop()
         self._add_pending_call = ctypes.pythonapi.Py_AddPendingCall
         self._add_pending_call.argtypes = [callback_type, ctypes.c_void_p]
         self._wanted = most
 
     def start(self) -> "Adaptive":
+        import atexit
         import threading
 
+        atexit.register(self.stop)  # nothing is set while the interpreter shuts down
         threading.Thread(target=self._watch, name="rlhf-threads", daemon=True).start()
         return self
 
@@ -214,11 +217,13 @@ class Adaptive:
             wanted = next_threads(self.current, self.most, waiting, idle_cpus, idle_before)
             if wanted != self.current and wanted != self._wanted:
                 self._wanted = wanted
-                self._add_pending_call(self._apply, None)
+                if self._add_pending_call(self._apply, None) != 0:  # the queue was full: next interval
+                    self._wanted = self.current
             waits, idle, idle_before, start = new_waits, new_idle, idle_cpus, now
 
 
 _ADAPTIVE: Optional[Adaptive] = None
+_CALLBACKS: list = []
 
 
 def _start_adaptive(most: int) -> None:
