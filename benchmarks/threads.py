@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,6 +49,7 @@ POLICIES = {
     "spin1k": ({"GOMP_SPINCOUNT": "1000"}, True),
     "spin10k": ({"GOMP_SPINCOUNT": "10000"}, True),
 }
+IMPORT_ALLOWANCE_S = 30  # the child's imports, not timed, before its command starts
 # One busy single-threaded process (`while True: pass`) that also stops if this script is killed.
 BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 USER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -101,8 +103,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def run_once(stage: str, policy: str, busy: bool, work: Path, base: Path) -> float:
-    """Seconds of one stage command (imports excluded), beside a busy process or not."""
+def run_once(stage: str, policy: str, busy: bool, work: Path, base: Path, timeout_s: float) -> float:
+    """Seconds of one stage command (imports excluded), beside a busy process or not; `timeout_s` (a lower
+    bound, counted as that) when it has not finished by then."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -114,15 +117,18 @@ def run_once(stage: str, policy: str, busy: bool, work: Path, base: Path) -> flo
     try:
         if spinner is not None:
             time.sleep(0.5)  # running before the stage starts
-        proc = subprocess.run(cmd, cwd=work, env=_env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=work, env=_env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, timeout=timeout_s + IMPORT_ALLOWANCE_S)
+        except subprocess.TimeoutExpired:
+            return timeout_s
     finally:
         if spinner is not None:
             spinner.kill()
             spinner.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} ({policy}, busy={busy}) failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(result.read_text())["seconds"]
+    return min(timeout_s, json.loads(result.read_text())["seconds"])
 
 
 def child(mode: str, result: Path, argv: list[str]) -> int:
@@ -164,22 +170,49 @@ def _old_set_threads(n=None) -> int:
     return n
 
 
-def table(times: dict, policies: list[str], stages: list[str]) -> str:
+def table(times: dict, policies: list[str], stages: list[str], cap: float = float("inf")) -> str:
+    """Medians (min-max); a value at `cap` was stopped there: shown as >=, and a ratio over it as >= too."""
+    def at_least(v: float) -> str:
+        return ">=" if v >= cap else ""
+
     def cell(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+        m = statistics.median(values)
+        return f"{at_least(m)}{m:.2f} ({min(values):.2f}-{at_least(max(values))}{max(values):.2f})"
 
     def med(stage, policy, busy):
         return statistics.median(times[(stage, policy, busy)])
+
+    def ratio(top: float, bottom: float) -> str:
+        return f"{'>=' if top >= cap and bottom < cap else ''}{top / bottom:.2f}x"
 
     head = ["stage"] + [f"alone {p}" for p in policies] + [f"busy {p}" for p in policies] + \
            [f"busy/alone {p}" for p in policies] + [f"alone {p}/{policies[0]}" for p in policies[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in stages:
         row = [s] + [cell(times[(s, p, False)]) for p in policies] + [cell(times[(s, p, True)]) for p in policies]
-        row += [f"{med(s, p, True) / med(s, p, False):.2f}x" for p in policies]
-        row += [f"{med(s, p, False) / med(s, policies[0], False):.2f}x" for p in policies[1:]]
+        row += [ratio(med(s, p, True), med(s, p, False)) for p in policies]
+        row += [ratio(med(s, p, False), med(s, policies[0], False)) for p in policies[1:]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+LINE = re.compile(r"^repeat (\d+): (\w+)\s+(\w+)\s+(alone|busy)\s+([\d.]+) s$")
+
+
+def table_from_log(log: Path, cap: float) -> int:
+    times: dict = {}
+    for line in log.read_text().splitlines():
+        m = LINE.match(line.strip())
+        if m:
+            times.setdefault((m.group(2), m.group(3), m.group(4) == "busy"), []).append(float(m.group(5)))
+    stages = list(dict.fromkeys(k[0] for k in times))
+    policies = list(dict.fromkeys(k[1] for k in times))
+    complete = [s for s in stages if all((s, p, b) in times for p in policies for b in (False, True))]
+    counts = sorted({len(v) for v in times.values()})
+    print(f"Seconds per command (imports excluded), median (min-max) of {'/'.join(map(str, counts))} runs; "
+          f"busy = one `python -c 'while True: pass'` beside it.\n")
+    print(table(times, policies, complete, cap))
+    return 0
 
 
 def main() -> int:
@@ -187,12 +220,18 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--policies", nargs="+", default=["old", "new"], choices=list(POLICIES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout_s", type=float, default=45.0, help="a command still running after this long "
+                    "(imports excluded) is stopped and counted as this long: a lower bound, shown as >=")
     ap.add_argument("--work", default=str(REPO / "runs" / "bench_threads"))
+    ap.add_argument("--from_log", help="print the table from the `repeat N: ...` lines of an earlier run's output "
+                    "(one that was stopped before its table)")
     ap.add_argument("--child", choices=("old", "new"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, Path(args.result), rest[1:] if rest[:1] == ["--"] else rest)
+    if args.from_log:
+        return table_from_log(Path(args.from_log), args.timeout_s)
     work = Path(args.work)
     base = work / "base"
     prepare(base)
@@ -200,14 +239,15 @@ def main() -> int:
     times: dict = {c: [] for c in configs}
     for r in range(args.repeats):
         for stage, policy, busy in configs:
-            seconds = run_once(stage, policy, busy, work / "run", base)
+            seconds = run_once(stage, policy, busy, work / "run", base, args.timeout_s)
             times[(stage, policy, busy)].append(seconds)
+            (work / "result.json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in times.items()}))
             print(f"repeat {r + 1}: {stage:<9} {policy:<19} {'busy' if busy else 'alone':<5} {seconds:7.2f} s",
                   flush=True)
     print(f"\nSeconds per command (imports excluded), median (min-max) of {args.repeats}; "
-          f"{len(os.sched_getaffinity(0))} cores; busy = one `python -c 'while True: pass'` beside it.\n")
-    print(table(times, args.policies, args.stages))
-    (work / "result.json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in times.items()}, indent=1))
+          f"{len(os.sched_getaffinity(0))} cores; busy = one `python -c 'while True: pass'` beside it; "
+          f">= : stopped at {args.timeout_s:.0f} s.\n")
+    print(table(times, args.policies, args.stages, args.timeout_s))
     return 0
 
 

@@ -133,6 +133,15 @@ def test_next_threads(current, most, waiting, idle, idle_before, expected):
     assert threads.next_threads(current, most, waiting, idle, idle_before) == expected
 
 
+def test_idle_seconds_of_this_process_cpus(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = threads._CLOCK_TICKS
+    stat.write_text(f"cpu  9 0 9 {30 * ticks} 0 0 0 0 0 0\ncpu0 1 0 1 {10 * ticks} {ticks} 0 0 0 0 0\n"
+                    f"cpu1 1 0 1 {20 * ticks} 0 0 0 0 0 0\nintr 5\n")
+    assert threads._idle([1], stat) == {1: 20.0}  # idle + iowait, in seconds
+    assert threads._idle([5, 6], stat) == {0: 11.0, 1: 20.0}  # numbered from 0 here (lxcfs): all of them
+
+
 def test_adaptive_sets_the_count_on_the_main_thread(monkeypatch, torch_threads):
     """Fake readings: our threads wait (another process holds a core), then the cores stand idle."""
     import time
@@ -144,7 +153,7 @@ def test_adaptive_sets_the_count_on_the_main_thread(monkeypatch, torch_threads):
             clock["wait_ns"] += 10**9  # far more waiting than any interval lasts
         return {1: clock["wait_ns"]}
 
-    def idle(cpus):
+    def idle(cpus, stat=None):
         if clock["phase"] == "idle":
             clock["idle_s"] += 5.0
         return {c: clock["idle_s"] for c in cpus}

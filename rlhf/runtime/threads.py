@@ -257,15 +257,16 @@ def _task_waits() -> dict[int, int]:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _idle(cpus: list[int]) -> dict[int, float]:
-    """{cpu: seconds idle so far} for `cpus` (idle + iowait of /proc/stat)."""
-    wanted = {f"cpu{c}": c for c in cpus}
+def _idle(cpus: list[int], stat: Path = Path("/proc/stat")) -> dict[int, float]:
+    """{cpu: seconds idle so far} for `cpus` (idle + iowait of /proc/stat); every CPU listed there when
+    none of `cpus` is (a container whose /proc/stat numbers its CPUs from 0)."""
     idle = {}
     try:
-        for line in Path("/proc/stat").read_text().splitlines():
+        for line in stat.read_text().splitlines():
             fields = line.split()
-            if fields and fields[0] in wanted:
-                idle[wanted[fields[0]]] = (int(fields[4]) + int(fields[5])) / _CLOCK_TICKS
+            if fields and fields[0].startswith("cpu") and fields[0][3:].isdigit():
+                idle[int(fields[0][3:])] = (int(fields[4]) + int(fields[5])) / _CLOCK_TICKS
     except (OSError, IndexError, ValueError):
         return {}
-    return idle
+    mine = {c: v for c, v in idle.items() if c in set(cpus)}
+    return mine or idle
