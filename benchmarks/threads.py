@@ -156,7 +156,7 @@ def child(mode: str, result: Path, argv: list[str]) -> int:
     return code
 
 
-def _old_set_threads(n=None) -> int:
+def _old_set_threads(n=None, adapt=True) -> int:
     """Before the policy: PPO fixed the affinity's cores divided among local processes, the other stages
     left torch's default (one per core); both are the core count on one process."""
     import torch

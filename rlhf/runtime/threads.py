@@ -1,14 +1,14 @@
 """How many CPU threads each command computes with: one policy for every stage.
 
-Measured on a 2-core machine (issue 22, `benchmarks/threads.py`): beside one busy single-threaded
-process, torch's default (one OpenMP thread per core, spinning at every barrier for ~15 ms before it
-sleeps) made PPO up to 13x and the reward model 4x slower than alone: a thread that spins while the one it
+Measured on a 2-core machine (issue 22, and `benchmarks/threads.py`): beside one busy single-threaded
+process, torch's default (one OpenMP thread per core, spinning at every barrier for 300,000 pauses, about
+15 ms here, before it sleeps) made PPO up to 13x and the reward model 4x slower than alone: a thread that spins while the one it
 waits for has been descheduled burns the time slice the other one needs, and each of the hundreds of small
 parallel ops per step then costs a scheduler slice. One thread has no barriers and ran 1.2-1.35x slower
 than alone. OpenMP's passive wait (OMP_WAIT_POLICY=PASSIVE) also survived the neighbour, but alone it lost
-most of what the second thread gives (PPO 7.7 s instead of 4.7 s): at small shapes the parallel ops are
-shorter than waking a sleeping thread. So the threads keep OpenMP's fast wait, and their number follows
-the machine.
+most of what the second thread gives (5 quickstart PPO iterations: 7.7-8.1 s against 5.2-5.7 s with the
+fast wait, both with this policy's thread count): at small shapes a parallel op is shorter than waking a
+sleeping thread. So the threads keep OpenMP's fast wait, and their number follows the machine.
 
 The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`):
 - `set_threads(None)`: intra-op threads = the cores this process may use (its CPU affinity, which
@@ -58,9 +58,11 @@ def set_threads(n: Optional[int] = None, adapt: bool = True) -> int:
 def default_threads(env: Optional[Mapping[str, str]] = None, affinity: Optional[int] = None,
                     quota: Optional[float] = -1.0) -> int:
     """The cores this process may use, shared among the processes of this launch on this machine.
-    `affinity` / `quota` (CPUs; None: no limit) are read from the system when not given."""
+    `affinity` (cores) and `quota` (CPUs, None: no limit) are read from the system when left out (-1)."""
     env = os.environ if env is None else env
-    cores = len(os.sched_getaffinity(0)) if affinity is None else affinity
+    if affinity is None:  # macOS has no affinity call: every core
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = affinity
     limit = cgroup_cpu_limit() if quota == -1.0 else quota
     if limit is not None:
         # Rounded up, as the JVM and Go's runtime do: a quota of 1.5 CPUs runs 2 threads.
