@@ -44,6 +44,7 @@ POLICIES = {
     "old": ({}, True),
     "new": ({}, False),
     "new_passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the policy with OpenMP's passive wait
+    "new_drop50": ({"BENCH_WAITING_TO_DROP": "0.5"}, False),  # a thread fewer only past half a CPU of waiting
     "one_thread": ({"OMP_NUM_THREADS": "1"}, True),
     "one_thread_passive": ({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}, True),
     "spin1k": ({"GOMP_SPINCOUNT": "1000"}, True),
@@ -137,6 +138,8 @@ def child(mode: str, result: Path, argv: list[str]) -> int:
 
     if mode == "old":
         threads.set_threads = _old_set_threads
+    if os.environ.get("BENCH_WAITING_TO_DROP"):  # a variant of the policy's threshold
+        threads.WAITING_TO_DROP = float(os.environ["BENCH_WAITING_TO_DROP"])
     # Imports first (untimed): what every stage loads.
     import peft  # noqa: F401
     import torch  # noqa: F401

@@ -147,13 +147,16 @@ def _ratio(quota: str, period: str) -> Optional[float]:
 # following the free cores
 
 
+WAITING_TO_DROP = 0.25  # CPUs' worth of our threads' waiting that takes a thread away
+
+
 def next_threads(current: int, most: int, waiting: float, idle: float, idle_before: float) -> int:
     """The thread count for the next interval. `waiting`: CPUs' worth of time this process's threads spent
     runnable but not running in the last interval (another process holds the cores); `idle` and
     `idle_before`: CPUs' worth of idle time of this process's cores in the last two intervals.
     Fewer threads as soon as ours wait; more only when cores stood idle for two intervals, so a burst of
     another job's work does not make the count swing."""
-    if current > 1 and waiting > 0.25:
+    if current > 1 and waiting > WAITING_TO_DROP:
         return max(1, current - max(1, round(waiting)))
     if current < most and min(idle, idle_before) > 0.75:
         return min(most, current + max(1, int(min(idle, idle_before) + 0.25)))
