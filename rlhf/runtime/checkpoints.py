@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.errors import UserError
@@ -28,8 +30,8 @@ def complete_checkpoints(output_dir: str | Path, marker: str = "trainer_state.js
 
 def resolve_resume(resume: str | None, output_dir: str | Path, marker: str = "trainer_state.json") -> str | None:
     """`latest` -> newest complete checkpoint in output_dir; a path -> that checkpoint; None -> None.
-    The checkpoint is checked for pickles that could run code (`refuse_unsafe_pickles`) before anything
-    reads it or the run writes anything."""
+    The checkpoint is checked for links, tags and pickles that could run code (`refuse_unsafe_checkpoint`)
+    before anything reads it or the run writes anything."""
     if resume is None:
         return None
     if resume == "latest":
@@ -39,7 +41,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path, marker: str = "tr
         resume = str(ckpts[-1])
     elif not (Path(resume) / marker).exists():
         raise UserError(f"--resume '{resume}' is not a complete checkpoint directory (no {marker})")
-    refuse_unsafe_pickles(resume)
+    refuse_unsafe_checkpoint(resume)
     return resume
 
 
@@ -66,11 +68,90 @@ def publish_dir(tmp_dir: str | Path, out_dir: str | Path) -> None:
 # someone else made (a shared run, a downloaded one) can run arbitrary code. Our own state is JSON and
 # safetensors (PPO: ppo_state.json with the scheduler, KL controller, reward statistics and data position;
 # rng_state_{rank}.safetensors/.json). What accelerate, DeepSpeed and the HF Trainer still write with
-# torch.save (optimizer states, DeepSpeed's model states) is checked with torch's restricted unpickler
-# (`weights_only=True`: tensors, numbers, strings and plain containers only) before anything loads it.
+# torch.save (optimizer states, DeepSpeed's model states) is read with torch's restricted unpickler
+# (`weights_only=True`: tensors, numbers, strings, plain containers and the allow-list below), twice:
+#
+# 1. before anything runs or is written (`refuse_unsafe_checkpoint`, from `resolve_resume`), so a bad
+#    checkpoint ends in one line. The checkpoint's layout is checked first: the loaders choose what to
+#    read by names found inside it (DeepSpeed's `latest` tag file names the folder it loads), and a tag
+#    such as `../stash` or a symlinked `global_stepN` would send them to files this scan never saw.
+#    So a checkpoint holds plain files and folders only, and a tag names a folder beside it.
+# 2. while the stages load it (`tensor_only_loads`, around `trainer.train(resume_from_checkpoint=...)`
+#    and `accelerator.load_state`): DeepSpeed calls `torch.load(..., weights_only=False)` on its model and
+#    optimizer states; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD switch makes every torch.load in between use
+#    the restricted unpickler whatever the caller asked. The scan and the load then apply one rule, and a
+#    file the scan missed still cannot run code.
+# torch.distributed checkpoints (FSDP's sharded state) keep their index `.metadata` as a plain pickle read
+# with `pickle.load`, which neither switch reaches: they are refused.
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 NEVER_LOADED = ("training_args.bin",)  # the HF Trainer writes it for the record; resuming never reads it
+TAG_FILES = ("latest", "latest_universal")  # DeepSpeed loads the folder these name when not given a tag
+_FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def refuse_unsafe_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Raise UserError unless `checkpoint_dir` holds only plain files and folders, each DeepSpeed tag file
+    names a checkpoint folder beside it, and every pickle-format file holds only tensors and plain data."""
+    root = Path(checkpoint_dir)
+    for path in sorted(_entries(root)):
+        _check_entry(root, path)
+    best = _best_checkpoint(root)
+    if best is not None and best.resolve() != root.resolve():
+        for path in sorted(_entries(best)):
+            _check_entry(best, path)
+        refuse_unsafe_pickles(best)
+    refuse_unsafe_pickles(root)
+
+
+def _best_checkpoint(root: Path) -> Path | None:
+    """The best checkpoint that the HF Trainer's trainer_state.json names (None if none or gone): the Trainer
+    loads it with the same loaders at the end of a run (load_best_model_at_end), so it is checked now rather
+    than refused hours later. It may lie elsewhere (a run folder copied to resume on another disk)."""
+    state_file = root / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        best = json.loads(state_file.read_text()).get("best_model_checkpoint")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"checkpoint file '{_shown(state_file)}' is not the JSON object the HF Trainer writes") from None
+    return Path(best) if isinstance(best, str) and Path(best).is_dir() else None  # the Trainer ignores one that is gone
+
+
+def _entries(root: Path):
+    """Every file and folder under root; a symlinked folder is listed, not entered."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        yield from (Path(dirpath, name) for name in dirnames + filenames)
+
+
+def _check_entry(root: Path, path: Path) -> None:
+    if path.is_symlink():
+        raise UserError(f"checkpoint '{_shown(root)}' holds a symbolic link '{_shown(path)}' -> "
+                        f"'{_shown(os.readlink(path))}'; expected "
+                        "plain files and folders only (a link lets a loader read outside the checkpoint)")
+    if not (path.is_file() or path.is_dir()):
+        raise UserError(f"checkpoint '{_shown(root)}' holds '{_shown(path)}', which is neither a file nor a folder; expected "
+                        "plain files and folders only")
+    if path.name == ".metadata" or path.suffix == ".distcp":
+        raise UserError(f"checkpoint file '{_shown(path)}' belongs to a torch.distributed (sharded FSDP) checkpoint, whose "
+                        "index is a plain pickle that could run code, so it is refused; save FSDP runs with "
+                        "fsdp_state_dict_type: FULL_STATE_DICT to resume them")
+    if path.name in TAG_FILES and path.is_file():
+        _check_tag(path)
+
+
+def _check_tag(tag_file: Path) -> None:
+    """DeepSpeed reads `<dir>/<stripped content of tag_file>`: it must be a folder beside the tag file
+    holding DeepSpeed's model states."""
+    try:
+        tag = tag_file.read_bytes().decode("utf-8").strip()  # as DeepSpeed reads it: text, stripped
+    except UnicodeDecodeError:
+        tag = None
+    folder = tag_file.parent / tag if tag and tag not in (".", "..") and not set("/\\\0") & set(tag) else None
+    if folder is None or not folder.is_dir() or not any(folder.glob("*model_states.pt")):
+        shown = repr(tag[:60]) if tag is not None else "bytes that are not text"
+        raise UserError(f"checkpoint tag file '{_shown(tag_file)}' names {shown}; expected the name of a folder beside it "
+                        "that holds DeepSpeed's model states (e.g. global_step100)")
 
 
 def refuse_unsafe_pickles(checkpoint_dir: str | Path) -> None:
@@ -78,26 +159,63 @@ def refuse_unsafe_pickles(checkpoint_dir: str | Path) -> None:
     data. `custom_checkpoint_*.pkl` (accelerate's pickled custom objects) is refused outright."""
     import torch
 
-    for f in sorted(Path(checkpoint_dir).rglob("*")):
+    for f in sorted(_entries(Path(checkpoint_dir))):
         if not f.is_file() or f.suffix not in PICKLE_SUFFIXES or f.name in NEVER_LOADED:
             continue
         if f.name.startswith("custom_checkpoint_"):
-            raise UserError(f"checkpoint file '{f}' is a pickled Python object; loading it could run code, so "
+            raise UserError(f"checkpoint file '{_shown(f)}' is a pickled Python object; loading it could run code, so "
                             "it is refused (checkpoints written by this version keep that state in JSON)")
         try:
             with _trusted_plain_globals():
                 torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # an UnpicklingError names the global that is not allowed
-            reason = str(e).strip().splitlines()
-            reason = next((line for line in reason if "GLOBAL" in line or "global" in line), reason[0] if reason else "")
-            raise UserError(f"checkpoint file '{f}' holds Python objects other than tensors and plain data "
-                            f"({reason[:200]}); loading it could run code, so it is refused") from None
+            if "GLOBAL" not in str(e):
+                raise UserError(f"checkpoint file '{_shown(f)}' is not a file torch.save wrote ({_reason(e)}); "
+                                "expected tensors and plain data") from None
+            raise UserError(f"checkpoint file '{_shown(f)}' holds Python objects other than tensors and plain data "
+                            f"({_reason(e)}); loading it could run code, so it is refused") from None
+
+
+def _reason(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return _shown(next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)[:200])
+
+
+def _shown(text: object) -> str:
+    """A path or name for a one-line message: control characters (a newline in a file name) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+@contextmanager
+def tensor_only_loads(checkpoint_dir: str | Path | None):
+    """Around the code that resumes from `checkpoint_dir` (None: nothing to guard): every torch.load in
+    between uses the restricted unpickler with the allow-list, whatever weights_only its caller passed
+    (DeepSpeed passes False). A refused pickle ends in UserError."""
+    if checkpoint_dir is None:
+        yield
+        return
+    saved = {k: os.environ.pop(k, None) for k in (_FORCE, _NO_FORCE)}  # both set is an error in torch
+    os.environ[_FORCE] = "1"
+    try:
+        with _trusted_plain_globals():
+            yield
+    except pickle.UnpicklingError as e:
+        raise UserError(f"checkpoint '{_shown(checkpoint_dir)}': a file read on resume holds Python objects other than "
+                        f"tensors and plain data ({_reason(e)}); loading it could run code, so it is refused") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def _trusted_plain_globals():
     """The few non-tensor types our own checkpoints contain, allowed by name to torch's restricted
     unpickler. Each is plain data rebuilt without running user code: numpy arrays and dtypes (the HF
-    Trainer's rng_state.pth holds numpy's RNG state) and DeepSpeed's enum-like config values."""
+    Trainer's rng_state.pth holds numpy's RNG state) and DeepSpeed's enum-like config values. Found by
+    saving SFT and PPO checkpoints under ZeRO-2 and ZeRO-3 and listing their globals
+    (torch.serialization.get_unsafe_globals_in_checkpoint): the model states hold none, the optimizer
+    states these three."""
     import torch
 
     allowed = []

@@ -329,7 +329,8 @@ def _run(cfg: ClassifierConfig) -> dict:
     trainable, total = models.count_parameters(trainer.model)
     metrics: dict = {"trainable_parameters": trainable, "total_parameters": total, "labels": names,
                      "multi_label": multi_label}
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+        result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
     metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
