@@ -177,8 +177,10 @@ def refuse_unsafe_pickles(checkpoint_dir: str | Path) -> None:
 
 
 def _reason(e: Exception) -> str:
+    """The gist of torch's long message: the global it refused, else its first line."""
+    found = re.search(r"GLOBAL \S+ was not an allowed global", str(e))
     lines = str(e).strip().splitlines()
-    return _shown(next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)[:200])
+    return _shown(found.group(0) if found else lines[0].strip() if lines else type(e).__name__)[:200]
 
 
 def _shown(text: object) -> str:
@@ -200,8 +202,9 @@ def tensor_only_loads(checkpoint_dir: str | Path | None):
         with _trusted_plain_globals():
             yield
     except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint '{_shown(checkpoint_dir)}': a file read on resume holds Python objects other than "
-                        f"tensors and plain data ({_reason(e)}); loading it could run code, so it is refused") from None
+        raise UserError(f"checkpoint '{_shown(checkpoint_dir)}': a file read on resume is refused by torch's "
+                        f"tensor-only unpickler ({_reason(e)}); a checkpoint may hold tensors and plain data only, "
+                        "anything else could run code") from None
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None)
