@@ -140,13 +140,39 @@ def test_the_best_checkpoint_the_trainer_will_load_is_checked_too(ds_shaped):
         checkpoints.refuse_unsafe_checkpoint(ds_shaped)
 
 
+def test_what_the_fuzzing_found(ds_shaped, tmp_path):
+    """1. A stray scaler.pt made the HF Trainer's resume fail with an AttributeError (no fp16 scaler here).
+    2. checkpoint-2 with its trainer_state.json a link is incomplete, so `--resume latest` took checkpoint-1,
+    and the Trainer then wrote the new checkpoint-2 through the link (an OSError; a link to a file outside
+    would have been overwritten)."""
+    torch.save({"scale": torch.tensor(1.0)}, ds_shaped / "scaler.pt")
+    with pytest.raises(UserError, match=r"scaler.pt' is a GradScaler state \(fp16 training\)"):
+        checkpoints.refuse_unsafe_checkpoint(ds_shaped)
+    (ds_shaped / "scaler.pt").unlink()
+    out = ds_shaped.parent
+    later = out / "checkpoint-3"
+    later.mkdir()
+    (later / "model.safetensors").symlink_to(tmp_path / "someone_elses_file")
+    assert checkpoints.complete_checkpoints(out) == [ds_shaped]  # checkpoint-3 has no trainer_state.json
+    with pytest.raises(UserError, match=r"checkpoint-3/model.safetensors' is a symbolic link -> '.*someone_elses_file' "
+                       "where the resumed run writes its checkpoints") as e:
+        checkpoints.resolve_resume("latest", out)
+    one_line(e.value)
+    shutil.rmtree(later)
+    later.symlink_to(tmp_path)
+    with pytest.raises(UserError, match=r"checkpoint-3' is a symbolic link"):
+        checkpoints.resolve_resume(str(ds_shaped), out)
+    later.unlink()
+    assert checkpoints.resolve_resume("latest", out) == str(ds_shaped)
+
+
 def test_a_name_with_a_newline_still_gives_one_line(ds_shaped):
     plant(ds_shaped / "evil\nname.pt", ds_shaped / "pwned")
     with pytest.raises(UserError, match=r"evil\\nname.pt' holds Python objects other than tensors") as e:
         checkpoints.refuse_unsafe_checkpoint(ds_shaped)
     one_line(e.value)
     (ds_shaped / "evil\nname.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(UserError, match=r"evil\\nname.pt' is not a file torch.save wrote"):
+    with pytest.raises(UserError, match=r"evil\\nname.pt' cannot be read by torch's tensor-only unpickler"):
         checkpoints.refuse_unsafe_checkpoint(ds_shaped)
 
 
@@ -417,7 +443,9 @@ link = st.tuples(st.just("link"), where, st.one_of(names, st.sampled_from(
 tag = st.tuples(st.just("tag"), st.one_of(st.sampled_from(
     ["global_step2\n", " global_step2\t", "../stash", "<absolute stash>", ".", "..", "", "global_step1",
      "global_step2/", "./global_step2", "<extra folder>"]), st.text(max_size=12), st.binary(max_size=12)))
-mutations = st.lists(st.one_of(extra_file, extra_folder, link, tag), min_size=1, max_size=3)
+# the issue's trick without `..`: a copy of the step folder beside it (its model states planted or not), tagged
+retag = st.tuples(st.just("retag"), names, st.sampled_from(["planted", "clean"]))
+mutations = st.lists(st.one_of(extra_file, extra_folder, link, tag, retag), min_size=1, max_size=3)
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
@@ -434,6 +462,16 @@ def mutate(ckpt, stash, marker, ops) -> list[str]:
                 (ckpt / "latest").unlink(missing_ok=True)
                 (ckpt / "latest").write_bytes(text if isinstance(text, bytes) else text.encode())
                 applied.append("tag")
+            continue
+        if kind == "retag":
+            path = ckpt / args[0]
+            if not path.exists() and not path.is_symlink() and (ckpt / "global_step2").is_dir():
+                shutil.copytree(ckpt / "global_step2", path, symlinks=True)
+                if args[1] == "planted":
+                    plant(path / "mp_rank_00_model_states.pt", marker)
+                (ckpt / "latest").unlink(missing_ok=True)
+                (ckpt / "latest").write_text(args[0])
+                applied.append(f"retag ({args[1]} step copy)")
             continue
         place, name = ckpt / args[0], args[1]
         path = place / name
@@ -464,7 +502,7 @@ def mutate(ckpt, stash, marker, ops) -> list[str]:
             if args[2] == "empty":
                 path.mkdir()
             else:
-                shutil.copytree(ckpt / "global_step2", path)
+                shutil.copytree(ckpt / "global_step2", path, symlinks=True)
                 if args[2].startswith("planted"):
                     plant(path / "mp_rank_00_model_states.pt", marker)
             if args[0] == ".":
@@ -474,8 +512,9 @@ def mutate(ckpt, stash, marker, ops) -> list[str]:
 
 
 def outcome_of(message: str) -> str:
-    for key, label in (("symbolic link", "link"), ("tag file", "tag"), ("tensor-only unpickler", "load guard"),
-                       ("holds Python objects", "pickle scan"), ("torch.save wrote", "not a torch file"),
+    for key, label in (("where the resumed run writes", "link where the run writes"), ("symbolic link", "link"), ("tag file", "tag"), ("tensor-only unpickler", "load guard"),
+                       ("holds Python objects", "pickle scan"), ("cannot be read", "not a torch file"),
+                       ("GradScaler", "scaler.pt"),
                        ("torch.distributed", "fsdp"), ("neither a file", "not a file")):
         if key in message:
             return f"refused: {label}"

@@ -42,7 +42,21 @@ def resolve_resume(resume: str | None, output_dir: str | Path, marker: str = "tr
     elif not (Path(resume) / marker).exists():
         raise UserError(f"--resume '{resume}' is not a complete checkpoint directory (no {marker})")
     refuse_unsafe_checkpoint(resume)
+    _refuse_links_where_the_run_writes(output_dir)
     return resume
+
+
+def _refuse_links_where_the_run_writes(output_dir: str | Path) -> None:
+    """The resumed run writes its next checkpoints into the checkpoint-N folders of output_dir, and the HF
+    Trainer writes into one that exists (one a killed run left incomplete, or one planted): a symlink there
+    would send those writes outside the run (found by the checkpoint fuzzing)."""
+    out = Path(output_dir)
+    for folder in sorted(out.iterdir()) if out.is_dir() else []:
+        if _CKPT.match(folder.name):
+            for path in [folder, *(sorted(_entries(folder)) if not folder.is_symlink() else [])]:
+                if path.is_symlink():
+                    raise UserError(f"'{_shown(path)}' is a symbolic link -> '{_shown(os.readlink(path))}' where the "
+                                    "resumed run writes its checkpoints; expected plain files and folders only")
 
 
 def publish_dir(tmp_dir: str | Path, out_dir: str | Path) -> None:
@@ -138,6 +152,10 @@ def _check_entry(root: Path, path: Path) -> None:
                         "fsdp_state_dict_type: FULL_STATE_DICT to resume them")
     if path.name in TAG_FILES and path.is_file():
         _check_tag(path)
+    if path.name == "scaler.pt" and path.parent == root and (root / "trainer_state.json").is_file():
+        raise UserError(f"checkpoint file '{_shown(path)}' is a GradScaler state (fp16 training), which this "
+                        "project's runs never write; the HF Trainer would fail on it without a scaler (found by the "
+                        "checkpoint fuzzing)")
 
 
 def _check_tag(tag_file: Path) -> None:
@@ -169,18 +187,20 @@ def refuse_unsafe_pickles(checkpoint_dir: str | Path) -> None:
             with _trusted_plain_globals():
                 torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # an UnpicklingError names the global that is not allowed
-            if "GLOBAL" not in str(e):
-                raise UserError(f"checkpoint file '{_shown(f)}' is not a file torch.save wrote ({_reason(e)}); "
-                                "expected tensors and plain data") from None
+            if "GLOBAL" not in str(e):  # a corrupt file, or a pickle using what the tensor-only unpickler lacks
+                raise UserError(f"checkpoint file '{_shown(f)}' cannot be read by torch's tensor-only unpickler "
+                                f"({_reason(e)}); loading it otherwise could run code, so it is refused") from None
             raise UserError(f"checkpoint file '{_shown(f)}' holds Python objects other than tensors and plain data "
                             f"({_reason(e)}); loading it could run code, so it is refused") from None
 
 
 def _reason(e: Exception) -> str:
     """The gist of torch's long message: the global it refused, else its first line."""
-    found = re.search(r"GLOBAL \S+ was not an allowed global", str(e))
-    lines = str(e).strip().splitlines()
-    return _shown(found.group(0) if found else lines[0].strip() if lines else type(e).__name__)[:200]
+    message = str(e)
+    found = re.search(r"GLOBAL \S+ was not an allowed global", message) or re.search(
+        r"WeightsUnpickler error:\s*(\S.*)", message)
+    lines = message.strip().splitlines()
+    return _shown(found.group(found.lastindex or 0) if found else lines[0].strip() if lines else type(e).__name__)[:200]
 
 
 def _shown(text: object) -> str:
