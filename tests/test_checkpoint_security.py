@@ -361,6 +361,49 @@ def test_deepspeed_load_itself_is_tensor_only(sft_ds_run, tmp_path, monkeypatch,
     assert marker.exists()
 
 
+def trainer_stage(stage: str, run, *args):
+    """Reward, classifier or DPO on the tiny base under the module's DeepSpeed settings: 2 steps, saved each."""
+    from test_classifier import classifier_config, sentiment_rows, write_jsonl
+    from test_dpo import dpo_config
+    from test_reward_train import reward_config
+
+    from rlhf.stages import classifier_stage, dpo, reward_stage
+
+    fresh_accelerate_state()
+    common = ("--peft.method", "full", "--train.save_steps", "1", "--train.eval_steps", "1", "--train.max_steps")
+    if stage == "reward":
+        return reward_stage.main(reward_config(run, *common, *args))
+    if stage == "dpo":
+        return dpo.main(dpo_config(run, *common, *args, "--data.max_samples", "48"))
+    data = run / "d.jsonl"
+    if not data.exists():
+        write_jsonl(data, sentiment_rows())
+    return classifier_stage.main(classifier_config(
+        run, "--data.train", str(data), "--data.text_column", "text", "--data.label_columns", "label",
+        "--peft.modules_to_save", "None", "--reward_label", "pos", *common, *args))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "classifier", "dpo"])
+def test_every_trainer_stage_loads_deepspeed_checkpoints_tensor_only(deepspeed_env, tmp_path, monkeypatch, stage):
+    """The issue's ../stash checkpoint with the pre-scan off: each stage's resume (and, for the classifier
+    and DPO, the best checkpoint the Trainer reloads at the end) goes through the tensor-only load."""
+    trainer_stage(stage, tmp_path, "2")
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "latest").read_text().strip() == "global_step2"
+    checkpoints.refuse_unsafe_checkpoint(ckpt)  # the stage's own DeepSpeed files pass
+    marker = tmp_path / "pwned"
+    attack(tmp_path, "tag", marker)
+    with pytest.raises(UserError, match=r"checkpoint tag file '.*checkpoint-2/latest' names '../stash'"):
+        trainer_stage(stage, tmp_path, "3", "--resume", "latest")
+    monkeypatch.setattr(checkpoints, "refuse_unsafe_checkpoint", lambda d: None)
+    with pytest.raises(UserError, match=r"checkpoint '.*checkpoint-2': a file read on resume is refused by torch's "
+                       r"tensor-only unpickler \(GLOBAL getattr") as e:
+        trainer_stage(stage, tmp_path, "3", "--resume", "latest")
+    one_line(e.value)
+    assert not marker.exists()
+
+
 @pytest.fixture(scope="module")
 def ppo_ds_run(deepspeed_env, sft_ds_run, tmp_path_factory):
     """PPO (LoRA on the SFT run's model) for 2 steps under ZeRO-2: checkpoint-2/pytorch_model/ (accelerate
