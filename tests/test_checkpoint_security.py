@@ -194,10 +194,10 @@ def test_loads_inside_the_guard_are_tensor_only_whatever_the_caller_asks(tmp_pat
             torch.load(tmp_path / "evil.pt", map_location="cpu", weights_only=False)
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # restored
     assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
-    with pytest.raises(UserError, match=r"checkpoint '.*': a file read on resume is refused by torch's "
-                       r"tensor-only unpickler \(GLOBAL getattr was not an allowed global\); a checkpoint may hold tensors") as e:
-        with checkpoints.tensor_only_loads(tmp_path):
-            torch.load(tmp_path / "evil.pt", weights_only=False)
+    refused = (r"checkpoint '.*': a file read on resume is refused by torch's tensor-only unpickler "
+               r"\(GLOBAL getattr was not an allowed global\); a checkpoint may hold tensors")
+    with pytest.raises(UserError, match=refused) as e, checkpoints.tensor_only_loads(tmp_path):
+        torch.load(tmp_path / "evil.pt", weights_only=False)
     one_line(e.value)
     assert not marker.exists()
     with checkpoints.tensor_only_loads(None):  # nothing to resume: nothing changed
@@ -327,8 +327,9 @@ def test_sft_zero2_cli_refuses_the_issues_checkpoints_in_one_line(sft_ds_run, tm
     env = {k: v for k, v in os.environ.items() if k not in DS_ENV and k != "MASTER_PORT"}
     p = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", "configs/sft_tiny.yaml", "--output_dir",
                         str(run / "out"), *SFT_ARGS, "--train.max_steps", "3", "--resume", "latest",
-                        "--accelerate", "zero2", "--num_processes", "1"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        "--accelerate", "zero2", "--num_processes", "1",
+                        "--main_process_port", _free_port()],  # 29500 may be taken: accelerate then warns
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 2, p.stderr[-3000:]
     launched, *errors = p.stderr.strip().splitlines()
     assert launched.startswith("rlhf: accelerate launch --config_file")  # the command it runs, then one line
@@ -349,6 +350,7 @@ def test_deepspeed_load_itself_is_tensor_only(sft_ds_run, tmp_path, monkeypatch,
     marker = tmp_path / "pwned"
     attack(run, variant, marker)
     monkeypatch.setattr(checkpoints, "refuse_unsafe_checkpoint", lambda d: None)
+    monkeypatch.setattr(checkpoints, "_refuse_links_where_the_run_writes", lambda d: None)
     with pytest.raises(UserError, match=r"checkpoint '.*checkpoint-2': a file read on resume is refused by "
                        r"torch's tensor-only unpickler \(GLOBAL getattr was not an allowed global\); a checkpoint may hold tensors") as e:
         sft_resume(run)
@@ -408,8 +410,9 @@ def test_every_trainer_stage_loads_deepspeed_checkpoints_tensor_only(deepspeed_e
 def ppo_ds_run(deepspeed_env, sft_ds_run, tmp_path_factory):
     """PPO (LoRA on the SFT run's model) for 2 steps under ZeRO-2: checkpoint-2/pytorch_model/ (accelerate
     names DeepSpeed's folder) and `latest`."""
-    from rlhf.ppo import trainer as ppo
     from test_ppo import ppo_config
+
+    from rlhf.ppo import trainer as ppo
 
     run = tmp_path_factory.mktemp("ppo_ds")
     fresh_accelerate_state()
@@ -426,8 +429,9 @@ def ppo_ds_run(deepspeed_env, sft_ds_run, tmp_path_factory):
 def test_ppo_deepspeed_resume_refuses_planted_code(ppo_ds_run, sft_ds_run, tmp_path, monkeypatch, variant):
     """The same tricks on PPO's DeepSpeed checkpoint; `load`: the planted model states in place, the
     pre-scan off, so accelerate's load_state -> DeepSpeed's torch.load meets it."""
-    from rlhf.ppo import trainer as ppo
     from test_ppo import ppo_config
+
+    from rlhf.ppo import trainer as ppo
 
     shutil.copytree(ppo_ds_run / "ppo", tmp_path / "ppo")
     ckpt = tmp_path / "ppo" / "checkpoint-2"

@@ -186,7 +186,7 @@ def refuse_unsafe_pickles(checkpoint_dir: str | Path) -> None:
         try:
             with _trusted_plain_globals():
                 torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # an UnpicklingError names the global that is not allowed
+        except Exception as e:  # noqa: BLE001  (whatever torch cannot read is refused; an UnpicklingError names the global)
             if "GLOBAL" not in str(e):  # a corrupt file, or a pickle using what the tensor-only unpickler lacks
                 raise UserError(f"checkpoint file '{_shown(f)}' cannot be read by torch's tensor-only unpickler "
                                 f"({_reason(e)}); loading it otherwise could run code, so it is refused") from None
@@ -246,7 +246,9 @@ def _trusted_plain_globals():
         import numpy as np
 
         try:
-            from numpy._core.multiarray import _reconstruct  # numpy 2 (numpy.core warns there)
+            from numpy._core.multiarray import (
+                _reconstruct,  # numpy 2 (numpy.core warns there)
+            )
         except ImportError:
             from numpy.core.multiarray import _reconstruct  # numpy 1
         # the array's dtype class is what torch's unpickler asks for by name (UInt32DType: numpy's RNG keys)

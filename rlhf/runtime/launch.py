@@ -110,10 +110,10 @@ def _run_quiet_after_error(cmd: list[str], env: dict[str, str], errors: Path) ->
     follows is torch elastic's ChildFailedError traceback for that exit code 2, which the user must not see."""
     import codecs
 
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     decode = codecs.getincrementaldecoder("utf-8")("replace")  # a chunk may end inside a character
-    while chunk := os.read(proc.stderr.fileno(), 1 << 16):
-        if not any(f.name.startswith("rank") for f in errors.iterdir()):
-            sys.stderr.write(decode.decode(chunk))
-            sys.stderr.flush()
-    return proc.wait()
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as proc:  # waits for it on the way out
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            if not any(f.name.startswith("rank") for f in errors.iterdir()):
+                sys.stderr.write(decode.decode(chunk))
+                sys.stderr.flush()
+    return proc.returncode
