@@ -47,7 +47,10 @@ class TouchesMarker:
 
 
 def plant(path, marker) -> None:
-    torch.save({"module": TouchesMarker(marker)}, path)
+    if path.is_symlink():  # a link the fuzzing put there: replaced, not written through
+        path.unlink()
+    with open(path, "wb") as f:  # a file object: torch's own writer refuses some names (`.metadata`)
+        torch.save({"module": TouchesMarker(marker)}, f)
 
 
 def one_line(e: Exception) -> str:
@@ -141,10 +144,16 @@ def test_the_best_checkpoint_the_trainer_will_load_is_checked_too(ds_shaped):
 
 
 def test_what_the_fuzzing_found(ds_shaped, tmp_path):
-    """1. A stray scaler.pt made the HF Trainer's resume fail with an AttributeError (no fp16 scaler here).
-    2. checkpoint-2 with its trainer_state.json a link is incomplete, so `--resume latest` took checkpoint-1,
+    """1. An extra mp_rank_01_model_states.pt in the step folder: DeepSpeed globs mp_rank_*_model_states.pt and
+    asserted "checkpoint count 2 is different from saved mp_world_size 1" (a traceback).
+    2. A stray scaler.pt made the HF Trainer's resume fail with an AttributeError (no fp16 scaler here).
+    3. checkpoint-2 with its trainer_state.json a link is incomplete, so `--resume latest` took checkpoint-1,
     and the Trainer then wrote the new checkpoint-2 through the link (an OSError; a link to a file outside
     would have been overwritten)."""
+    torch.save({"module": {"w": torch.ones(2)}}, ds_shaped / "global_step2" / "mp_rank_01_model_states.pt")
+    with pytest.raises(UserError, match=r"mp_rank_01_model_states.pt' is named like DeepSpeed model states of another"):
+        checkpoints.refuse_unsafe_checkpoint(ds_shaped)
+    (ds_shaped / "global_step2" / "mp_rank_01_model_states.pt").unlink()
     torch.save({"scale": torch.tensor(1.0)}, ds_shaped / "scaler.pt")
     with pytest.raises(UserError, match=r"scaler.pt' is a GradScaler state \(fp16 training\)"):
         checkpoints.refuse_unsafe_checkpoint(ds_shaped)
@@ -541,7 +550,8 @@ def mutate(ckpt, stash, marker, ops) -> list[str]:
             if content == "planted":
                 plant(path, marker)
             elif content == "tensors":
-                torch.save({"x": torch.arange(3)}, path)
+                with open(path, "wb") as f:
+                    torch.save({"x": torch.arange(3)}, f)
             else:
                 path.write_bytes(content.encode() if content == "text" else content)
             applied.append(f"file ({content if isinstance(content, str) else 'bytes'})")
@@ -561,7 +571,7 @@ def mutate(ckpt, stash, marker, ops) -> list[str]:
 def outcome_of(message: str) -> str:
     for key, label in (("where the resumed run writes", "link where the run writes"), ("symbolic link", "link"), ("tag file", "tag"), ("tensor-only unpickler", "load guard"),
                        ("holds Python objects", "pickle scan"), ("cannot be read", "not a torch file"),
-                       ("GradScaler", "scaler.pt"),
+                       ("GradScaler", "scaler.pt"), ("model-parallel", "extra model states"),
                        ("torch.distributed", "fsdp"), ("neither a file", "not a file")):
         if key in message:
             return f"refused: {label}"

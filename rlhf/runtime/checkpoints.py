@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 from rlhf.errors import UserError
@@ -101,6 +102,7 @@ def publish_dir(tmp_dir: str | Path, out_dir: str | Path) -> None:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 NEVER_LOADED = ("training_args.bin",)  # the HF Trainer writes it for the record; resuming never reads it
 TAG_FILES = ("latest", "latest_universal")  # DeepSpeed loads the folder these name when not given a tag
+_MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_00_model_states\.pt")  # DeepSpeed globs mp_rank_*
 _FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
@@ -152,6 +154,10 @@ def _check_entry(root: Path, path: Path) -> None:
                         "fsdp_state_dict_type: FULL_STATE_DICT to resume them")
     if path.name in TAG_FILES and path.is_file():
         _check_tag(path)
+    if fnmatch(path.name, "*mp_rank_*_model_states.pt") and not _MODEL_STATES.fullmatch(path.name):
+        raise UserError(f"checkpoint file '{_shown(path)}' is named like DeepSpeed model states of another model-parallel "
+                        "rank; DeepSpeed loads every such file of the step folder and fails on a second one (this "
+                        "project trains without model parallelism: only mp_rank_00; found by the checkpoint fuzzing)")
     if path.name == "scaler.pt" and path.parent == root and (root / "trainer_state.json").is_file():
         raise UserError(f"checkpoint file '{_shown(path)}' is a GradScaler state (fp16 training), which this "
                         "project's runs never write; the HF Trainer would fail on it without a scaler (found by the "
