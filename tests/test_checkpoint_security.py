@@ -572,6 +572,7 @@ def outcome_of(message: str) -> str:
     for key, label in (("where the resumed run writes", "link where the run writes"), ("symbolic link", "link"), ("tag file", "tag"), ("tensor-only unpickler", "load guard"),
                        ("holds Python objects", "pickle scan"), ("cannot be read", "not a torch file"),
                        ("GradScaler", "scaler.pt"), ("model-parallel", "extra model states"),
+                       ("pickled Python object", "custom_checkpoint pickle"),
                        ("torch.distributed", "fsdp"), ("neither a file", "not a file")):
         if key in message:
             return f"refused: {label}"
