@@ -769,7 +769,8 @@ def _run(cfg: PPOConfig, reward=None, on_step=None, save: bool = True, cleanup=N
     history: list[dict] = []
     start_step = 0
     if resume_from is not None:
-        accelerator.load_state(resume_from)
+        with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+            accelerator.load_state(resume_from)
         checkpoints.load_rng_state(resume_from, accelerator.process_index)
         state = json.loads((Path(resume_from) / STATE_FILE).read_text())
         scheduler.load_state_dict(state["scheduler"])

@@ -281,7 +281,8 @@ def _run(cfg: ClassifierConfig) -> dict:
     trainer, splits, names, multi_label = build(cfg)
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics.update(labels=names, multi_label=multi_label)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+        result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
     metrics["best_checkpoint"] = trainer.state.best_model_checkpoint

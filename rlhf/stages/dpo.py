@@ -220,7 +220,8 @@ def _run(cfg: DPOConfig) -> dict:
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics["train_pairs"] = len(trainer.train_dataset)
     has_eval = trainer.eval_dataset is not None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+        result = trainer.train(resume_from_checkpoint=resume_from)
     history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's
     start = next((h for h in history if "eval_loss" in h and h.get("step") == 0), None)
     if start is not None:  # eval_on_start: policy == reference, so every implicit reward is 0 (accuracy 0, margin 0)

@@ -224,7 +224,8 @@ def _run(cfg: RewardConfig) -> dict:
     reward = as_reward(trainer, cfg.train.max_length, cfg.train.per_device_eval_batch_size)
     if val_pairs is not None and resume_from is None:
         metrics["eval_accuracy_before"] = reward_metrics.pairwise_correct(*score_pairs(reward, val_pairs)).mean().item()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+        result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
 

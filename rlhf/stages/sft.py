@@ -83,7 +83,8 @@ def _run(cfg: SFTConfig) -> dict:
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics["format"] = fmt
     has_eval = trainer.eval_dataset is not None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
+        result = trainer.train(resume_from_checkpoint=resume_from)
     history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's, not this part's
     if has_eval:  # eval_on_start: logged at step 0
         metrics["eval_loss_before"] = next(h["eval_loss"] for h in history if "eval_loss" in h)
