@@ -44,8 +44,8 @@ def resolve_resume(resume: str | None, output_dir: str | Path, marker: str = "tr
         raise UserError(f"--resume '{resume}' is not a complete checkpoint directory (no {marker})")
     from policies.models import check_json_files
 
-    refuse_unsafe_checkpoint(resume)
     check_json_files(resume, UserError)  # trainer_state.json, ppo_state.json, ...: one line naming file and line
+    refuse_unsafe_checkpoint(resume)
     _refuse_links_where_the_run_writes(output_dir)
     return resume
 
