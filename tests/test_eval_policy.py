@@ -8,9 +8,9 @@ from conftest import REPO
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
-from rlhf import cli, config
+from rlhf import cli, config, ppo
 from rlhf.evaluation import eval_policy
-from rlhf.ppo import trainer as ppo
+from rlhf.generation.prompts import load_prompts
 
 
 class RecordingReward(DigitReward):
@@ -49,7 +49,7 @@ def test_samples_per_prompt(tmp_path, sft_policy):  # noqa: F811
     r = eval_policy.main(cfg, reward=reward)
     assert (r["n_prompts"], r["samples_per_prompt"], r["n_samples"]) == (10, 3, 30)
     assert len(reward.responses) == 2 * 30  # policy's and reference's samples, each scored once
-    prompts = ppo.load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts)
     assert reward.prompts[:30] == reward.prompts[30:] == [p for p in prompts for _ in range(3)]
     assert any(len(set(reward.responses[i:i + 3])) > 1 for i in range(0, 30, 3))  # K samples, not K copies
     assert r["win_rate"] == 0.5  # still the same model and seed: every pair is a tie

@@ -10,7 +10,8 @@ from rewards import response_chars
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
 
 from rlhf import cli
-from rlhf.ppo.trainer import PromptDataConfig, load_prompts
+from rlhf.generation.prompts import load_prompts
+from rlhf.ppo.config import PromptDataConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

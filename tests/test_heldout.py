@@ -11,9 +11,9 @@ import torch
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
+from rlhf import ppo
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import reward_hacking
-from rlhf.ppo import trainer as ppo
 
 
 def test_reward_hacking_rule():

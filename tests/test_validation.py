@@ -8,10 +8,11 @@ import sys
 import pytest
 from conftest import REPO
 
-from rlhf import cli, config
+from rlhf import cli, config, ppo
 from rlhf.config import EvalRewardConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
-from rlhf.ppo import trainer as ppo
+from rlhf.ppo import checkpoint
+from rlhf.ppo import config as ppo_cfg
 from rlhf.validate import validate
 
 SFT_YAML = str(REPO / "configs" / "sft_tiny.yaml")
@@ -152,7 +153,7 @@ def test_every_numeric_field_of_every_command_has_a_domain():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: ppo.PPOConfig(data=ppo.PromptDataConfig(format="bogus")), "data.format: unknown value 'bogus'"),
-    (lambda: ppo.PPOConfig(eval=ppo.EvalConfig(format="jsonl")), "eval.format: unknown value 'jsonl'"),
+    (lambda: ppo.PPOConfig(eval=ppo_cfg.EvalConfig(format="jsonl")), "eval.format: unknown value 'jsonl'"),
     (lambda: ppo.PPOConfig(ppo=ppo.PPOHyperparameters(missing_eos_penalty=float("nan"))),
      "ppo.missing_eos_penalty must be a finite number, got nan"),
     (lambda: RewardConfig(data=config.PreferenceDataConfig(options=config.PairFormatOptions(min_score_ratio=-1.0))),
@@ -168,7 +169,7 @@ def test_python_built_configs_are_validated(build, message):
 
 def test_ppo_checks_eval_temperature_and_tiny_lengths():
     with pytest.raises(UserError, match=r"eval.temperature must be > 0"):
-        ppo.check(config.parse(ppo.PPOConfig, ["--eval.temperature", "0"], "t"))
+        ppo_cfg.check(config.parse(ppo.PPOConfig, ["--eval.temperature", "0"], "t"))
     with pytest.raises(UserError, match=r"ppo.max_prompt_length \+ ppo.max_new_tokens \(1056\) exceeds "
                                         r"model.tiny.max_position_embeddings \(1024\)"):
         config.parse(ppo.PPOConfig, ["--model.name_or_path", "tiny", "--ppo.max_prompt_length", "1024"], "t")
@@ -237,7 +238,7 @@ def test_reward_function_failing_mid_run_leaves_nothing_half_written(tmp_path):
         ppo.main(cfg)
     left = [p.name for p in out.iterdir()] if out.exists() else []
     assert not [n for n in left if n.endswith(".tmp") or n == "policy"]  # no half-written checkpoint or export
-    assert all((out / n / ppo.STATE_FILE).exists() for n in left if n.startswith("checkpoint-"))  # only complete ones
+    assert all((out / n / checkpoint.STATE_FILE).exists() for n in left if n.startswith("checkpoint-"))  # only complete ones
 
 
 def test_unknown_stop_token_refused_before_writing(tmp_path):

@@ -267,10 +267,3 @@ def check(cfg: PPOConfig) -> None:
     if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
         raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
 
-
-def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
-    """ppo.stop_token is `eos`, None, or a token of the policy's vocabulary (an unknown one would map to
-    no token: responses would never stop, and the EOS rate would read 1.0)."""
-    if stop_token not in (None, "eos") and stop_token not in vocab:
-        raise UserError(f"ppo.stop_token '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")

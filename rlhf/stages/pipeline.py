@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from rlhf import config
 from rlhf.config import DPOConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
-from rlhf.ppo.trainer import PPOConfig
+from rlhf.ppo.config import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 
@@ -93,9 +93,11 @@ def check_inputs(cfg: PipelineConfig) -> None:
     vocabulary of the tokenizer the SFT stage passes on)."""
     from policies import models
     from reward.interface import is_function_spec, load_function
-    from rlhf.ppo import trainer as ppo
+    from rlhf.generation.prompts import load_prompts
+    from rlhf.generation.sampling import check_stop_token
+    from rlhf.ppo.config import PromptDataConfig, batch_sizes
 
-    sizes = ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
+    sizes = batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     sources = []
     if "sft" in cfg.stages:
         sources += [("sft.data.train", cfg.sft.data.train), ("sft.data.validation", cfg.sft.data.validation)]
@@ -110,12 +112,12 @@ def check_inputs(cfg: PipelineConfig) -> None:
         _check_source(option, source)
     if "ppo" not in cfg.stages:
         return
-    prompts = ppo.load_prompts(cfg.ppo.data)
+    prompts = load_prompts(cfg.ppo.data)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts})")
     if cfg.ppo.eval.prompts is not None:
-        ppo.load_prompts(ppo.PromptDataConfig(train=cfg.ppo.eval.prompts, format=cfg.ppo.eval.format))
+        load_prompts(PromptDataConfig(train=cfg.ppo.eval.prompts, format=cfg.ppo.eval.format))
     judge = cfg.ppo.eval.reward.spec
     if judge is not None and (cfg.ppo.eval.reward.kind == "function" or is_function_spec(judge)):
         load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
@@ -131,7 +133,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         else:  # the base SFT starts from, or the SFT output already there; SFT keeps its vocabulary
             name = source.name_or_path if source is not None else cfg.sft.output_dir
             vocab = models.load_tokenizer(name, source or cfg.ppo.model).get_vocab()
-        ppo.check_stop_token(stop, vocab)
+        check_stop_token(stop, vocab)
 
 
 def main(cfg: PipelineConfig) -> dict:
@@ -260,7 +262,7 @@ def _markdown(r: dict, out: Path) -> str:
     if h:
         b, a = h["before"], h["after"]
         judge = f"`{h['eval_reward']}`" if h["eval_reward"] else "the training reward (no eval.reward set)"
-        lines += [f"## Before and after PPO, on held-out prompts", "",
+        lines += ["## Before and after PPO, on held-out prompts", "",
                   f"True metric: {judge}. Proxy: the reward model PPO optimised. Both score the same answers "
                   f"to the same held-out prompts, before PPO (step {h['before_step']}, the SFT policy) and after "
                   f"(step {h['after_step']}).", "",
