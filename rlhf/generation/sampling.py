@@ -59,4 +59,4 @@ def check_stop_token(stop_token: Optional[str], vocab: dict[str, int], option: s
     """`stop_token` is `eos`, None, or a token of `vocab`."""
     if stop_token not in (None, "eos") and stop_token not in vocab:
         raise UserError(f"{option} '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")
+                        "null (None on the command line: run to max_new_tokens), or one token as the tokenizer spells it")
