@@ -74,8 +74,8 @@ def test_world_size_mismatch_is_refused():
 
 EQUAL = ("objective/scores", "objective/scores_normalized", "objective/kl", "objective/non_score_reward",
          "objective/rlhf_reward", "response/length", "response/eos_rate", "policy/advantages_mean",
-         "policy/advantages_std", "policy/entropy", "val/mean", "val/returns_mean", "policy/grad_norm",
-         "val/grad_norm")
+         "policy/advantages_std", "policy/entropy", "val/mean", "val/returns_mean", "val/explained_variance",
+         "policy/grad_norm", "val/grad_norm")
 
 
 @pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
@@ -87,7 +87,8 @@ def test_two_processes_equal_one(tmp_path, sft_policy):  # noqa: F811
     keeps only the most likely token (a response is a function of its prompt, not of which process's
     random stream drew it), and one mini-batch per epoch (with two, each process would shuffle its own
     half into a different split than one process shuffles the whole). The update's loss statistics are
-    left out: each process logs the mean of its own micro-batches, not the global token mean."""
+    left out: each process logs the mean of its own micro-batches' token means, not the global one.
+    (Before this test, a CPU launch left accelerate at DistributedType.NO: no DDP, no gather.)"""
     from safetensors.torch import load_file
 
     args = ["--model.name_or_path", sft_policy, "--data.train", "builtin:quickstart_prompts", "--ppo.steps", "3",
@@ -101,7 +102,8 @@ def test_two_processes_equal_one(tmp_path, sft_policy):  # noqa: F811
     p2 = subprocess.run(["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                          "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "rlhf", "ppo", *args,
                          "--ppo.per_device_rollout_batch_size", "8", "--output_dir", str(two)],
-                        env={**ENV, "ACCELERATE_USE_CPU": "true"}, cwd=REPO, capture_output=True, text=True, timeout=600)
+                        env={**ENV, "ACCELERATE_USE_CPU": "true"}, cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-4000:]
     assert "2 process(es), rollout 16/step" in p2.stdout and "1 process(es), rollout 16/step" in p1.stdout
     h1, h2 = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))

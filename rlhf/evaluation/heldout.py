@@ -140,7 +140,8 @@ class HeldOutEval:
 
         acc, tok = self.accelerator, self.tokenizer
         metrics, rows = {}, []
-        modes = [("", self.sampling)] + ([("greedy/", replace(self.sampling, temperature=0.0))] if self.cfg.greedy else [])
+        greedy = replace(self.sampling, temperature=0.0)
+        modes = [("", self.sampling)] + ([("greedy/", greedy)] if self.cfg.greedy else [])
         for prefix, sampling in modes:
             gen = engine.generate(self.encoded, sampling, seed=seed * 7919 + step)  # the same draw on a resume
             rmask = gen.response_mask  # (B, A)

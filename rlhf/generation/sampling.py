@@ -58,5 +58,5 @@ def stop_token_id(tokenizer, stop_token: Optional[str], option: str) -> Optional
 def check_stop_token(stop_token: Optional[str], vocab: dict[str, int], option: str = "ppo.stop_token") -> None:
     """`stop_token` is `eos`, None, or a token of `vocab`."""
     if stop_token not in (None, "eos") and stop_token not in vocab:
-        raise UserError(f"{option} '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (None on the command line: run to max_new_tokens), or one token as the tokenizer spells it")
+        raise UserError(f"{option} '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, null "
+                        "(None on the command line: run to max_new_tokens), or one token as the tokenizer spells it")

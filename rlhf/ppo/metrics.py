@@ -39,7 +39,8 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
     """One iteration's row. With `kl_penalty: loss` the reward carries no KL: `objective/non_score_reward`
     is 0 and `objective/rlhf_reward` the score (the KL the loss holds down is `loss/kl`)."""
     acc = s.accelerator
-    g = lambda x: acc.gather(x.detach().float().reshape(-1)).mean().item()  # noqa: E731
+    g = lambda x: acc.gather(x.detach().float().reshape(-1)).mean().item()  # noqa: E731  (per-sequence values)
+    tokens = TokenStats(r.response_mask, (lambda t: acc.reduce(t, "sum")) if s.sizes.world > 1 else None)
     mask = r.response_mask
     seq_kl = r.kl.sum(-1)  # (B,)
     kl_in_reward = s.kl_ctl.value if s.cfg.ppo.kl_penalty == "reward" else 0.0
@@ -55,14 +56,14 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
         "objective/rlhf_reward": g(r.scores - kl_in_reward * seq_kl),
         "objective/kl_coef": s.kl_ctl.value,
         "objective/nan_scores": g(r.nan_scores.float()),
-        **({"val/explained_variance": g(core.explained_variance(r.values, r.returns, mask)),
-            "val/mean": g(core.masked_mean(r.values, mask)),
-            "val/returns_mean": g(core.masked_mean(r.returns, mask))} if r.values is not None else {}),
-        "policy/advantages_mean": g(core.masked_mean(r.advantages, mask)),
-        "policy/advantages_std": g(core.masked_var(r.advantages, mask).sqrt()),
+        **({"val/explained_variance": tokens.explained_variance(r.values, r.returns),
+            "val/mean": tokens.mean(r.values),
+            "val/returns_mean": tokens.mean(r.returns)} if r.values is not None else {}),
+        "policy/advantages_mean": tokens.mean(r.advantages),
+        "policy/advantages_std": tokens.std(r.advantages),
         "response/length": g(mask.sum(-1)),
         "response/eos_rate": g(r.contains_eos.float()),
-        **({"policy/entropy": g(core.masked_mean(r.entropy, mask))} if r.entropy is not None else {}),
+        **({"policy/entropy": tokens.mean(r.entropy)} if r.entropy is not None else {}),
         **{k: g(torch.tensor(v)) for k, v in train_stats.items()},
         "lr": lr[0],
         **({"lr_critic": lr[1]} if len(lr) > 1 else {}),
@@ -73,6 +74,34 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
         "memory/peak_gb": peak_memory_gb(),
         "memory/model_gb": s.model_bytes / 1e9,
     }
+
+
+class TokenStats:
+    """Statistics over the response tokens (mask (B, A)) of every process together, as over one batch:
+    a process with longer responses weighs more. `sum_over_processes` None: this process alone."""
+
+    def __init__(self, mask: torch.Tensor, sum_over_processes=None):
+        self.mask, self.all_reduce = mask, sum_over_processes
+
+    def mean(self, x: torch.Tensor) -> float:
+        if self.all_reduce is None:
+            return core.masked_mean(x, self.mask).item()
+        return core.global_masked_moments(x.float(), self.mask, self.all_reduce)[0].item()
+
+    def var(self, x: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is None:
+            return core.masked_var(x, self.mask)
+        return core.global_masked_moments(x.float(), self.mask, self.all_reduce)[1]
+
+    def std(self, x: torch.Tensor) -> float:
+        return self.var(x).sqrt().item()
+
+    def explained_variance(self, values: torch.Tensor, returns: torch.Tensor) -> float:
+        """1 - Var[R - V] / Var[R] (see core.explained_variance)."""
+        if self.all_reduce is None:
+            return core.explained_variance(values, returns, self.mask).item()
+        var_returns = self.var(returns)
+        return torch.where(var_returns == 0, math.nan, 1 - self.var(returns - values) / var_returns).item()
 
 
 def peak_memory_gb() -> float:

@@ -225,7 +225,8 @@ def start_engine(cfg: PPOConfig, model, accelerator, tokenizer, base_path: str):
         {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype(cfg.model)]
     rank, out = accelerator.process_index, Path(cfg.output_dir)
     engine = vllm_backend.start_for_training(
-        cfg.vllm, base_path, dtype=dtype, max_model_len=cfg.vllm.max_model_len or p.max_prompt_length + p.max_new_tokens,
+        cfg.vllm, base_path, dtype=dtype,
+        max_model_len=cfg.vllm.max_model_len or p.max_prompt_length + p.max_new_tokens,
         lora_rank=None if cfg.peft.method == "full" else cfg.peft.r, max_num_seqs=p.per_device_rollout_batch_size,
         log_path=out / ("vllm_engine.log" if accelerator.num_processes == 1 else f"vllm_engine_{rank}.log"),
         out_dir=out, device=accelerator.device, engine_seed=cfg.seed if cfg.vllm.seed is None else cfg.vllm.seed,
