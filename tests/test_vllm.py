@@ -15,10 +15,10 @@ import torch
 from conftest import REPO
 from rewards import DigitReward
 
-from rlhf import config
+from rlhf import config, ppo
 from rlhf.generation import vllm_engine as rollout_engine
+from rlhf.generation.vllm_backend import VLLMBackend
 from rlhf.generation.vllm_engine import EngineError, Sampling, VLLMConfig, VLLMEngine
-from rlhf.ppo import trainer as ppo
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(rollout_engine.available() is None,
@@ -188,14 +188,14 @@ def test_stale_engine_stops_the_run(tmp_path, monkeypatch):
     """An engine that is never given the updates is caught by rollout/logprob_diff and the run stops."""
     monkeypatch.chdir(REPO)
     synced = []
-    real_sync = ppo.sync_engine
+    real_sync = VLLMBackend.update_weights
 
-    def sync_once(engine, model, accelerator, version, weights_file):
+    def sync_once(engine, version):
         if not synced:  # the initial weights only: every later update is withheld
             synced.append(version)
-            real_sync(engine, model, accelerator, version, weights_file)
+            real_sync(engine, version)
 
-    monkeypatch.setattr(ppo, "sync_engine", sync_once)
+    monkeypatch.setattr(VLLMBackend, "update_weights", sync_once)
     cfg = config.parse(ppo.PPOConfig, ppo_args(tmp_path / "o", "--ppo.steps", "6", "--ppo.learning_rate", "2e-2",
                                                "--ppo.rollout_engine", "vllm"), "t")
     with pytest.raises(EngineError, match=r"step [1-5]: the vLLM engine's sampled-token logprobs differ .* "

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from rlhf.config import EvalRewardSpec, HeldOutConfig, PositiveInt  # noqa: F401  (EvalRewardSpec: its old home)
 from rlhf.errors import UserError
-from rlhf.ppo import core
+from rlhf.generation.engine import Engine, decode
+from rlhf.generation.prompts import encode_prompts, load_prompts
+from rlhf.generation.sampling import Sampling
 
 
 @dataclass
@@ -65,22 +68,26 @@ def agreement(proxy: list[float], judge: list[float]) -> float:
 
 
 class HeldOutEval:
-    """Scores the policy on held-out prompts; `__call__` returns the `eval/...` metrics (same on every rank)."""
+    """Scores the policy on held-out prompts; `__call__` returns the `eval/...` metrics (same on every rank).
+    It samples through the run's engine with the run's sampling options (`eval.temperature` replacing the
+    temperature); the caller's `logprobs(result, temperature)` gives the policy's and the reference's
+    logprobs ((B, A) each) of a GenerationResult's responses, for the KL."""
 
-    def __init__(self, cfg: EvalConfig, training_reward, temperature: float, max_new_tokens: int,
-                 max_prompt_length: int, accelerator, out_dir: Path):
-        from rlhf.ppo.trainer import PromptDataConfig, load_prompts
+    def __init__(self, cfg: EvalConfig, training_reward, sampling: Sampling, max_prompt_length: int, tokenizer,
+                 accelerator, out_dir: Path):
+        from rlhf.ppo.config import PromptDataConfig  # the prompt source's fields, as data.train's
 
         for name in ("every", "max_prompts", "samples_per_prompt", "hacking_window"):
             if getattr(cfg, name) < 1:
                 raise UserError(f"eval.{name} expects a positive integer, got {getattr(cfg, name)}")
         if cfg.temperature is not None and cfg.temperature <= 0:
             raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
-        self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
+        self.cfg, self.accelerator, self.out_dir, self.tokenizer = cfg, accelerator, out_dir, tokenizer
         prompts = load_prompts(PromptDataConfig(train=cfg.prompts, format=cfg.format, max_samples=cfg.max_prompts))
         # this rank's share; every prompt sampled samples_per_prompt times in a row
         mine = prompts[accelerator.process_index::accelerator.num_processes]
         self.prompts = [p for p in mine for _ in range(cfg.samples_per_prompt)]
+        self.encoded = encode_prompts(tokenizer, self.prompts, max_prompt_length)
         self.n_prompts = len(prompts)
         self.proxy = training_reward
         if cfg.reward.spec is None:
@@ -93,49 +100,30 @@ class HeldOutEval:
 
             self.judge = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                                      batch_size=cfg.reward.batch_size, device=accelerator.device)
-        self.temperature = cfg.temperature or temperature
-        self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
+        self.sampling = replace(sampling, temperature=cfg.temperature or sampling.temperature)
         self.history: dict[str, list[float]] = {"proxy": [], "reward": [], "stderr": []}
 
     def due(self, step: int, last_step: int) -> bool:
         return step == 0 or step % self.cfg.every == 0 or step == last_step
 
     @torch.no_grad()
-    def __call__(self, step: int, model, tokenizer, stop_id: int, seed: int) -> dict[str, float]:
+    def __call__(self, step: int, engine: Engine, logprobs: Callable, seed: int) -> dict[str, float]:
         from accelerate.utils import gather_object
 
-        from rlhf.ppo.trainer import (
-            _generation_context,
-            encode_prompts,
-            forward_rollout,
-            left_pad,
-            position_ids,
-            sample,
-            sampling_config,
-        )
-
-        acc, device = self.accelerator, self.accelerator.device
-        ids, mask = left_pad(encode_prompts(tokenizer, self.prompts, self.max_prompt_length), tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)  # (B, P)
+        acc, tok = self.accelerator, self.tokenizer
         metrics, rows = {}, []
-        modes = [("", self.temperature)] + ([("greedy/", 0.0)] if self.cfg.greedy else [])
-        for prefix, temperature in modes:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed * 7919 + step)
-                with _generation_context(model, acc) as gen_model, acc.autocast():
-                    out = sample(gen_model.generation_model(), ids, mask,
-                                 sampling_config(temperature, 1.0, self.max_new_tokens, stop_id, tokenizer.pad_token_id))
-            responses, rmask = core.truncate_after_stop_token(out, stop_id, tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
+        greedy = replace(self.sampling, temperature=0.0)
+        modes = [("", self.sampling)] + ([("greedy/", greedy)] if self.cfg.greedy else [])
+        for prefix, sampling in modes:
+            gen = engine.generate(self.encoded, sampling, seed=seed * 7919 + step)  # the same draw on a resume
+            rmask = gen.response_mask  # (B, A)
+            texts = decode(tok, gen)
             judge = self.judge.score(self.prompts, texts).float().tolist()
             proxy = self.proxy.score(self.prompts, texts).float().tolist() if self.judge is not self.proxy else judge
             local = {"reward": judge, "proxy": proxy, "length": rmask.sum(-1).tolist(),
-                     "eos_rate": (responses == stop_id).any(-1).float().tolist()}
-            if not prefix:  # KL to the reference on the sampled answers (A = responses.shape[1])
-                full, fmask = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
-                lp, ref_lp, _, _ = forward_rollout(model, full, fmask, position_ids(fmask), responses, ids.shape[1],
-                                                temperature, len(full))
+                     "eos_rate": gen.stopped.float().tolist()}
+            if not prefix:  # KL to the reference on the sampled answers (sum over tokens, k1)
+                lp, ref_lp = logprobs(gen, sampling.temperature)
                 local["kl"] = ((lp - ref_lp) * rmask).sum(-1).tolist()
             values = {k: gather_object(v) for k, v in local.items()}
             n = len(values["reward"])

@@ -273,10 +273,3 @@ def check(cfg: PPOConfig) -> None:
         raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
 
-
-def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
-    """ppo.stop_token is `eos`, None, or a token of the policy's vocabulary (an unknown one would map to
-    no token: responses would never stop, and the EOS rate would read 1.0)."""
-    if stop_token not in (None, "eos") and stop_token not in vocab:
-        raise UserError(f"ppo.stop_token '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")

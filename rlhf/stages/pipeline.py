@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from rlhf import config
 from rlhf.config import DPOConfig, RewardConfig, Seed, SFTConfig, domain
 from rlhf.errors import UserError
-from rlhf.ppo.trainer import PPOConfig
+from rlhf.ppo.config import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 Stages = domain(lambda v: all(s in STAGES for s in v), f"some of {', '.join(STAGES)}")
@@ -91,9 +91,11 @@ def check_inputs(cfg: PipelineConfig) -> None:
     vocabulary of the tokenizer the SFT stage passes on)."""
     from policies import models
     from reward.interface import is_function_spec, load_function
-    from rlhf.ppo import trainer as ppo
+    from rlhf.generation.prompts import load_prompts
+    from rlhf.generation.sampling import check_stop_token
+    from rlhf.ppo.config import PromptDataConfig, batch_sizes
 
-    sizes = ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
+    sizes = batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     sources = []
     if "sft" in cfg.stages:
         sources += [("sft.data.train", cfg.sft.data.train), ("sft.data.validation", cfg.sft.data.validation)]
@@ -111,7 +113,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         e = getattr(cfg, stage).eval
         if stage not in cfg.stages or e.prompts is None:
             continue
-        ppo.load_prompts(ppo.PromptDataConfig(train=e.prompts, format=e.format))
+        load_prompts(PromptDataConfig(train=e.prompts, format=e.format))
         judge = e.reward.spec
         if judge is not None and (e.reward.kind == "function" or is_function_spec(judge)):
             load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
@@ -119,7 +121,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
             raise UserError(f"{stage}.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
     if "ppo" not in cfg.stages:
         return
-    prompts = ppo.load_prompts(cfg.ppo.data)
+    prompts = load_prompts(cfg.ppo.data)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts})")
@@ -133,7 +135,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         else:  # the base SFT starts from, or the SFT output already there; SFT keeps its vocabulary
             name = source.name_or_path if source is not None else cfg.sft.output_dir
             vocab = models.load_tokenizer(name, source or cfg.ppo.model).get_vocab()
-        ppo.check_stop_token(stop, vocab)
+        check_stop_token(stop, vocab)
 
 
 def main(cfg: PipelineConfig) -> dict:
