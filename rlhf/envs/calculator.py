@@ -1,12 +1,12 @@
 """A built-in environment the agent needs: multiplication with a calculator tool.
 
-The question ("What is 347 * 29?") is beyond what a small model can compute, but the tool is exact:
-the agent writes `calc 347 * 29`, the tool answers `10063` in a `tool` turn, and the agent copies it.
+The question ("What is 47 * 29?") is beyond what a small model can compute, but the tool is exact:
+the agent writes `calc 47 * 29`, the tool answers `1363` in a `tool` turn, and the agent copies it.
 Any other message is the agent's answer. True objective: the answer is exactly the product.
 
     env:
       spec: rlhf.envs.calculator:Calculator
-    rows: {"a": 347, "b": 29}     # builtin:calc_train, builtin:calc_eval; demonstrations builtin:calc_sft
+    rows: {"a": 47, "b": 29}     # builtin:calc_train, builtin:calc_eval; demonstrations builtin:calc_sft
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rlhf.envs.interface import Message, StepResult
 from rlhf.errors import UserError
 
 CALL = re.compile(r"calc (-?\d+) ([-+*]) (-?\d+)")
-"""A tool call: the whole agent message, e.g. `calc 347 * 29`."""
+"""A tool call: the whole agent message, e.g. `calc 47 * 29`."""
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
