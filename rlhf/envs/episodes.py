@@ -28,8 +28,14 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.envs.config import EnvConfig
-from rlhf.envs.interface import (Environment, Message, check_messages, check_step, load_environment_class,
-                                 make_environment)
+from rlhf.envs.interface import (
+    Environment,
+    Message,
+    check_messages,
+    check_step,
+    load_environment_class,
+    make_environment,
+)
 from rlhf.envs.turns import ChatTurns
 from rlhf.errors import UserError
 
