@@ -47,11 +47,11 @@ DOMAINS: dict[str, Check] = {
                     POSITIVE),
     "temperature": NON_NEGATIVE,  # 0: greedy where sampling is optional (PPO's own check asks for > 0)
     "top_p": PROBABILITY,
+    "max_turns": POSITIVE_INT,  # env: agent turns per episode
+    "max_total_tokens": POSITIVE_INT,  # env: tokens per episode
     "gpu_memory_utilization": PROBABILITY,  # the vLLM engine's share of the GPU
     "max_logprob_diff": POSITIVE,
     "start_timeout": POSITIVE,
-    "max_turns": POSITIVE_INT,  # env: agent turns per episode
-    "max_total_tokens": POSITIVE_INT,  # env: tokens per episode
     "gamma": UNIT,
     "lam": UNIT,
     "threshold": (lambda v: 0 < v < 1, "a number in (0, 1)"),
