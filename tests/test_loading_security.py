@@ -98,7 +98,7 @@ from policies import models
 from reward import models as reward_models
 from reward.interface import load_reward
 from rlhf.evaluation.eval_policy import load_lm
-from rlhf.ppo import trainer
+from rlhf.ppo import models as ppo_models
 from rlhf.runtime import memory
 from rlhf.stages.merge import merge
 loaders = {
@@ -112,7 +112,7 @@ loaders = {
     "load_lm_adapter": lambda: load_lm(adapter),
     "merge": lambda: merge(adapter, str(root / "merged")),
     "memory_config": lambda: memory._load_config(model, model, "the directory"),
-    "ppo_reward_body": lambda: trainer._load_reward_body(reward, torch.float32),
+    "ppo_reward_body": lambda: ppo_models._load_reward_body(reward, torch.float32),
 }
 out = {}
 for name, load in loaders.items():
