@@ -179,7 +179,7 @@ def test_env_run_logs_episode_metrics_and_held_out_success(tmp_path, sft_policy)
     assert [m["step"] for m in evals] == [0, 2]
     assert all(m["eval/reward"] == m["eval/success"] and m["eval/turns"] >= 1 for m in evals)
     samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 16 and all(s["transcript"][0]["role"] == "user" for s in samples)
+    assert len(samples) == 16 and all(s["transcript"][0]["role"] == "user" and s["reward"] in (0, 1) for s in samples)
 
 
 def test_killed_env_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkeypatch):  # noqa: F811
@@ -207,3 +207,25 @@ def test_killed_env_run_resumes_to_the_same_metrics(tmp_path, sft_policy, monkey
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
+
+
+def test_agent_quickstart_pipeline_at_tiny_size(tmp_path):
+    """`rlhf pipeline --config configs/agent_quickstart.yaml`, shortened: SFT on the calculator
+    demonstrations, PPO in the environment with no reward stage, a report with held-out success before/after."""
+    out = tmp_path / "agent"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "rlhf", "pipeline", "--config", "configs/agent_quickstart.yaml",
+                        "--output_dir", str(out), "--sft.train.max_steps", "30", "--sft.train.eval_steps", "30",
+                        "--ppo.ppo.steps", "2", "--ppo.eval.max_prompts", "16", "--ppo.eval.every", "2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert not (out / "reward").exists()  # the environment is the reward
+    report = json.loads((out / "report.json").read_text())
+    held = report["heldout"]
+    assert held["eval_reward"] == "success in rlhf.envs.calculator:Calculator"
+    assert (held["before_step"], held["after_step"]) == (0, 2)
+    for side in (held["before"], held["after"]):
+        assert 0 <= side["eval/success"] <= 1 and side["eval/reward"] == side["eval/success"]
+        assert side["eval/turns"] >= 1 and "eval/tool_calls" in side and side["eval/tokens"] > 0
+    assert held["before"]["eval/kl"] == 0 and held["after"]["eval/kl"] != 0
+    assert report["samples"] and all(s["prompt"].startswith("What is ") for s in report["samples"])

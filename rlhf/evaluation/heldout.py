@@ -187,7 +187,7 @@ class HeldOutEval:
     def episodes(self, engine: Engine, sampling: Sampling, logprobs: Callable, seed: int, step: int, prefix: str):
         """One episode per held-out row (episode seeds fixed by the run's seed, turns drawn from a seed of
         the step): (per-episode values by metric name, transcript rows for eval_samples.jsonl)."""
-        from rlhf.envs.episodes import EngineSampler, run_episodes, split_at_prompt
+        from rlhf.envs.episodes import EngineSampler, first_messages, run_episodes, split_at_prompt, transcript_text
         from rlhf.generation.engine import GenerationResult
 
         sampler = EngineSampler(engine, sampling, seed=(seed * 7919 + step) * 1000)  # the same draw on a resume
@@ -203,8 +203,8 @@ class HeldOutEval:
                                    lay.response_mask.to(dev), ~ep.truncated.to(dev))
             lp, ref_lp = logprobs(gen, sampling.temperature)
             local["kl"] = ((lp - ref_lp) * lay.action_mask.to(dev)).sum(-1).tolist()
-        rows = [{"step": step, "mode": prefix.rstrip("/") or "sampled", "row": row, "transcript": t,
-                 "success": bool(ok), "return": float(ret)}
+        rows = [{"step": step, "mode": prefix.rstrip("/") or "sampled", "row": row, "prompt": first_messages(t),
+                 "response": transcript_text(t), "reward": float(ok), "proxy": float(ret), "transcript": t}
                 for row, t, ok, ret in zip(self.prompts, ep.transcripts, ep.success, ep.returns)]
         return local, rows
 
