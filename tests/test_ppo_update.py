@@ -57,10 +57,10 @@ def fixed_rollout(ac) -> Rollout:
     noise = lambda scale: torch.randn(B, A, generator=g) * scale  # noqa: E731
     zeros = torch.zeros(B)
     return Rollout(prompts=[None] * B, texts=[""] * B, query_ids=query, query_mask=query_mask, responses=responses,
-                   response_mask=response_mask, contains_eos=torch.ones(B, dtype=torch.bool),
+                   response_mask=response_mask, action_mask=response_mask, contains_eos=torch.ones(B, dtype=torch.bool),
                    logprobs=logprobs + noise(0.3), ref_logprobs=ref_logprobs + noise(0.2),
                    values=values[:, P - 1:-1].float() + noise(0.5), entropy=None, raw_scores=zeros,
-                   nan_scores=zeros.bool(), scores=zeros, kl=torch.zeros(B, A), rewards=torch.zeros(B, A),
+                   nan_scores=zeros.bool(), scores=zeros, kl=torch.zeros(B, A), turn_rewards=torch.zeros(B, A), rewards=torch.zeros(B, A),
                    advantages=noise(1.0), returns=noise(1.0), engine_logprob_diff=None)
 
 

@@ -215,3 +215,84 @@ class EnvPool:
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+
+
+@dataclass(frozen=True)
+class PromptAndRest:
+    """An episode batch laid out as PPO's prompt + response: the first messages left-padded (B, P), the rest
+    of each episode (agent turns and environment replies) right-padded (B, A)."""
+
+    query_ids: torch.Tensor  # (B, P) left-padded
+    query_mask: torch.Tensor  # (B, P) long
+    responses: torch.Tensor  # (B, A): agent turns and environment replies, PAD after the episode's end
+    response_mask: torch.Tensor  # (B, A) bool: the episode's tokens after the first messages
+    action_mask: torch.Tensor  # (B, A) bool: the agent's sampled tokens among them
+    logprobs: torch.Tensor  # (B, A) float32: the sampler's, 0 off the action mask
+    turn_rewards: torch.Tensor  # (B, A) float32: each turn's environment reward at its last token
+
+
+def split_at_prompt(ep: Episodes, pad_id: int) -> PromptAndRest:
+    """`ep` (right-padded (B, T)) as prompt + rest, the layout the PPO forward passes and losses use."""
+    B = len(ep.ids)
+    P = int(ep.prompt_lengths.max())
+    A = max(int((ep.tokens - ep.prompt_lengths).max()), 1)
+    query_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    query_mask = torch.zeros((B, P), dtype=torch.long)
+    responses = torch.full((B, A), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, A), dtype=torch.bool)
+    action_mask = torch.zeros((B, A), dtype=torch.bool)
+    logprobs = torch.zeros((B, A), dtype=torch.float32)
+    turn_rewards = torch.zeros((B, A), dtype=torch.float32)
+    for b in range(B):
+        p, n = int(ep.prompt_lengths[b]), int(ep.tokens[b])
+        query_ids[b, P - p:], query_mask[b, P - p:] = ep.ids[b, :p], 1
+        rest = slice(p, n)
+        responses[b, :n - p], response_mask[b, :n - p] = ep.ids[b, rest], True
+        action_mask[b, :n - p] = ep.action_mask[b, rest]
+        logprobs[b, :n - p] = ep.logprobs[b, rest]
+        turn_rewards[b, :n - p] = ep.turn_rewards[b, rest]
+    return PromptAndRest(query_ids, query_mask, responses, response_mask, action_mask, logprobs, turn_rewards)
+
+
+class EngineSampler:
+    """A `sample_fn` over a generation engine (`rlhf.generation.engine.Engine`): one `generate` per turn
+    with `sampling` (its `max_new_tokens` is the per-turn limit). `seed` None: the engine's own stream
+    (torch's generator for HF, which a checkpoint restores); else turn k is drawn with seed + k, so an
+    evaluation repeats exactly. `recorded` turns False when the engine returned no logprobs (the
+    trainer's forward pass gives them; zeros are handed to the runner meanwhile)."""
+
+    def __init__(self, engine, sampling, seed: int | None = None):
+        self.engine, self.sampling, self.seed = engine, sampling, seed
+        self.calls, self.recorded = 0, True
+
+    def __call__(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        seed = None if self.seed is None else self.seed + self.calls
+        self.calls += 1
+        gen = self.engine.generate(prompts, self.sampling, seed=seed)
+        ids, mask = gen.response_ids.cpu(), gen.response_mask.cpu()  # (B, A)
+        logprobs = gen.logprobs.float().cpu() if gen.logprobs is not None else torch.zeros(ids.shape)
+        self.recorded = self.recorded and gen.logprobs is not None
+        return ([row[m].tolist() for row, m in zip(ids, mask)], [row[m].tolist() for row, m in zip(logprobs, mask)])
+
+
+def load_rows(source: str, split: str = "train", column_map: dict[str, str] | None = None,
+              max_samples: int | None = None) -> list[dict]:
+    """The data rows episodes start from (`reset(row, seed)`), as dicts: a local file, `builtin:NAME` or a
+    hub dataset, columns renamed by `column_map` ({column in the file: name read})."""
+    from rlhf.data import sources
+
+    ds = sources.rename_columns(sources.load_rows(source, split=split), column_map or {}, source)
+    rows = [dict(r) for r in ds]
+    return rows[:max_samples] if max_samples is not None else rows
+
+
+def first_messages(transcript: list[Message]) -> list[Message]:
+    """The messages before the agent's first turn."""
+    k = next((i for i, m in enumerate(transcript) if m["role"] == "assistant"), len(transcript))
+    return transcript[:k]
+
+
+def transcript_text(transcript: list[Message]) -> str:
+    """The agent turns and replies of a transcript as one line, for sample tables and logs."""
+    rest = transcript[len(first_messages(transcript)):]
+    return " | ".join(f"{m['role']}: {m['content']}" for m in rest)

@@ -13,9 +13,9 @@ from rlhf.runtime import checkpoints
 STATE_FILE = "ppo_state.json"  # written last into a checkpoint: its presence marks it complete
 
 
-def resume(accelerator, resume_from: Optional[str], scheduler, kl_ctl, moments) -> tuple[int, list[dict]]:
+def resume(accelerator, resume_from: Optional[str], scheduler, kl_ctl, moments, env_pool=None) -> tuple[int, list[dict]]:
     """(step, metrics history) of the checkpoint `resume_from` after loading its model, optimizer, RNG,
-    scheduler, KL-controller and reward-statistics states; (0, []) without one."""
+    scheduler, KL-controller, reward-statistics and (with an env) episode-seed states; (0, []) without one."""
     if resume_from is None:
         return 0, []
     with checkpoints.tensor_only_loads(resume_from):  # DeepSpeed's own torch.load: tensors only
@@ -25,15 +25,24 @@ def resume(accelerator, resume_from: Optional[str], scheduler, kl_ctl, moments) 
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_ctl"])
     moments.load_state_dict(state["reward_moments"])
+    if env_pool is not None:
+        if state.get("env") is None:
+            from rlhf.errors import UserError
+
+            raise UserError(f"{resume_from} is a checkpoint of a run without env; it cannot resume with env.spec set")
+        env_pool.load_state_dict(state["env"])
     accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     return state["step"], state["history"]
 
 
-def save(accelerator, out: Path, step: int, history: list[dict], scheduler, kl_ctl, moments, limit: int) -> None:
-    """checkpoint-{step}: everything `resume` reads back."""
+def save(accelerator, out: Path, step: int, history: list[dict], scheduler, kl_ctl, moments, limit: int,
+         env_pool=None) -> None:
+    """checkpoint-{step}: everything `resume` reads back (with an env, the episode seed stream's position:
+    environments keep nothing across episodes, see rlhf.envs.interface)."""
     save_checkpoint(accelerator, out, step, {"step": step, "history": history, "kl_ctl": kl_ctl.state_dict(),
                                              "scheduler": scheduler.state_dict(),
-                                             "reward_moments": moments.state_dict()}, limit)
+                                             "reward_moments": moments.state_dict(),
+                                             "env": env_pool.state_dict() if env_pool is not None else None}, limit)
 
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) -> None:

@@ -23,6 +23,7 @@ from rlhf.config import (
     Unit,
     WarmupSteps,
 )
+from rlhf.envs.config import EnvConfig
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import EvalConfig
 from rlhf.generation.vllm_engine import VLLMConfig
@@ -188,6 +189,10 @@ class PPOConfig:
     reward: RewardSpec = field(default_factory=RewardSpec)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """A multi-turn environment to act in (`env.spec` set): each rollout runs episodes from the rows of
+    data.train (`reset(row, seed)`), ppo.max_new_tokens per agent turn, and the environment's rewards are
+    the reward (reward.spec is not read). Empty spec: single-turn PPO on prompts, scored by reward.spec."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """The vLLM engine, read when ppo.rollout_engine is `vllm`."""
@@ -255,9 +260,14 @@ def check(cfg: PPOConfig) -> None:
     from rlhf.validate import fits_tiny, validate
 
     validate(cfg)
-    fits_tiny(cfg.model, cfg.ppo.max_prompt_length + cfg.ppo.max_new_tokens,
-              "ppo.max_prompt_length + ppo.max_new_tokens")
     p = cfg.ppo
+    if cfg.env.spec:  # a turn is sampled after at most max_total_tokens - 1 tokens of episode
+        fits_tiny(cfg.model, cfg.env.max_total_tokens + p.max_new_tokens, "env.max_total_tokens + ppo.max_new_tokens")
+        if p.stop_token != "eos":
+            raise UserError(f"ppo.stop_token={p.stop_token}: with an env, an agent turn ends at the tokenizer's EOS "
+                            "(the chat template's end of turn); use `eos`")
+    else:
+        fits_tiny(cfg.model, p.max_prompt_length + p.max_new_tokens, "ppo.max_prompt_length + ppo.max_new_tokens")
     if cfg.peft.method not in ("lora", "qlora", "full"):
         raise UserError(f"peft.method={cfg.peft.method} is not supported by PPO; expected lora, qlora or full")
     if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:

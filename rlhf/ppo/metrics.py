@@ -40,11 +40,11 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
     is 0 and `objective/rlhf_reward` the score (the KL the loss holds down is `loss/kl`)."""
     acc = s.accelerator
     g = lambda x: acc.gather(x.detach().float().reshape(-1)).mean().item()  # noqa: E731  (per-sequence values)
-    tokens = TokenStats(r.response_mask, (lambda t: acc.reduce(t, "sum")) if s.sizes.world > 1 else None)
-    mask = r.response_mask
+    tokens = TokenStats(r.action_mask, (lambda t: acc.reduce(t, "sum")) if s.sizes.world > 1 else None)
+    mask = r.action_mask
     seq_kl = r.kl.sum(-1)  # (B,)
     kl_in_reward = s.kl_ctl.value if s.cfg.ppo.kl_penalty == "reward" else 0.0
-    n_tokens = acc.gather((r.query_mask.sum() + mask.sum()).reshape(1)).sum().item()
+    n_tokens = acc.gather((r.query_mask.sum() + r.response_mask.sum()).reshape(1)).sum().item()
     lr = s.scheduler.get_last_lr()
     diff = r.engine_logprob_diff
     return {
@@ -53,7 +53,7 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
         "objective/scores_normalized": g(r.scores),
         "objective/kl": g(seq_kl),
         "objective/non_score_reward": g(-kl_in_reward * seq_kl),
-        "objective/rlhf_reward": g(r.scores - kl_in_reward * seq_kl),
+        "objective/rlhf_reward": g(r.scores + r.turn_rewards.sum(-1) - kl_in_reward * seq_kl),
         "objective/kl_coef": s.kl_ctl.value,
         "objective/nan_scores": g(r.nan_scores.float()),
         **({"val/explained_variance": tokens.explained_variance(r.values, r.returns),
@@ -73,7 +73,15 @@ def step_metrics(step: int, r: Rollout, train_stats: dict[str, float], s: State,
         **({"rollout/logprob_diff": diff[0], "rollout/logprob_diff_max": diff[1]} if diff is not None else {}),
         "memory/peak_gb": peak_memory_gb(),
         "memory/model_gb": s.model_bytes / 1e9,
+        **(episode_metrics(r.episodes, lambda t: g(t.to(acc.device))) if r.episodes is not None else {}),
     }
+
+
+def episode_metrics(ep, g) -> dict[str, float]:
+    """Means over the episodes of every process (`g` gathers and averages): the true objective
+    (`env/success`), the environment's return, agent turns, tool calls, tokens and the share cut by a limit."""
+    return {"env/success": g(ep.success), "env/return": g(ep.returns), "env/turns": g(ep.turns),
+            "env/tool_calls": g(ep.tool_calls), "env/tokens": g(ep.tokens), "env/truncated": g(ep.truncated)}
 
 
 class TokenStats:

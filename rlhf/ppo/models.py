@@ -206,6 +206,12 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def context_length(cfg: PPOConfig) -> int:
+    """The longest sequence an engine is asked to continue plus its new tokens: a prompt, or with an env
+    an episode (up to env.max_total_tokens), + ppo.max_new_tokens."""
+    return (cfg.env.max_total_tokens if cfg.env.spec else cfg.ppo.max_prompt_length) + cfg.ppo.max_new_tokens
+
+
 def start_engine(cfg: PPOConfig, model, accelerator, tokenizer, base_path: str):
     """The rollout engine of `ppo.rollout_engine`, sampling the policy `model` (the prepared ActorCritic):
     `hf` generates with it in this process; `vllm` runs an engine of its own per process, serving the
@@ -227,7 +233,7 @@ def start_engine(cfg: PPOConfig, model, accelerator, tokenizer, base_path: str):
     rank, out = accelerator.process_index, Path(cfg.output_dir)
     engine = vllm_backend.start_for_training(
         cfg.vllm, base_path, dtype=dtype,
-        max_model_len=cfg.vllm.max_model_len or p.max_prompt_length + p.max_new_tokens,
+        max_model_len=cfg.vllm.max_model_len or context_length(cfg),
         lora_rank=None if cfg.peft.method == "full" else cfg.peft.r, max_num_seqs=p.per_device_rollout_batch_size,
         log_path=out / ("vllm_engine.log" if accelerator.num_processes == 1 else f"vllm_engine_{rank}.log"),
         device=accelerator.device, engine_seed=cfg.seed if cfg.vllm.seed is None else cfg.vllm.seed,

@@ -1,10 +1,20 @@
 """PPO's rollout: one iteration's experience, built once by `make_rollout` and only read afterwards.
 
-  1. sample: the engine answers the prompts (responses finished: cut after the stop token, padded)
-  2. forward passes: logprobs of the policy and the reference, values of the critic, entropy
+  1. sample: `sample_responses` (the engine answers the prompts, the reward scores the answers) or, with an
+     `env`, `sample_episodes` (multi-turn episodes in the environment, which gives the rewards); both
+     give a `Sample` in one layout: the prompt (B, P) and the rest (B, A), with an action mask over the
+     rest (single-turn: the response mask; episodes: the agent's tokens, not the environment's)
+  2. forward passes: logprobs of the policy and the reference, values of the critic, entropy (all tokens)
   3. score: the reward (normalised, NaN-guarded, clipped, missing-EOS penalty)
-  4. KL: the per-token KL estimate, and (with `kl_penalty: reward`) -kl_coef x KL in the per-token rewards
-  5. advantages by `ppo.advantage_estimator` (and GAE's returns)
+  4. KL: the per-token KL estimate on the action tokens, and (with `kl_penalty: reward`) -kl_coef x KL in
+     the per-token rewards; an environment's per-turn rewards at the end of each turn
+  5. advantages by `ppo.advantage_estimator` over the action tokens (and GAE's returns)
+
+Episodes: GAE steps over the agent's tokens across turns (`rlhf.envs.credit.agent_gae` is `core.gae`
+with the action mask), GRPO/RLOO take the trajectory's return (the sum of its rewards). An episode cut
+by a limit counts as a response without EOS: `ppo.missing_eos_penalty` is subtracted at its last agent
+token, and GAE does not bootstrap past it (the value after the last agent token is 0, as for a
+single-turn response cut at max_new_tokens).
 
 Shapes: B rollout batch, P prompt tokens, A response tokens, T = P + A."""
 
@@ -18,6 +28,8 @@ import torch
 
 from reward.interface import refuse_all_non_finite
 from rlhf.errors import UserError
+from rlhf.envs import credit
+from rlhf.envs.episodes import EngineSampler, Episodes, first_messages, split_at_prompt, transcript_text
 from rlhf.generation.engine import decode
 from rlhf.generation.prompts import encode_prompts, position_ids
 from rlhf.generation.sampling import Sampling
@@ -33,12 +45,13 @@ class Rollout:
     """One iteration's experience on this process."""
 
     prompts: list  # B message lists
-    texts: list  # B decoded responses, as the reward read them
+    texts: list  # B decoded responses, as the reward read them (episodes: the transcript after the prompt)
     query_ids: torch.Tensor  # (B, P) left-padded
     query_mask: torch.Tensor  # (B, P)
-    responses: torch.Tensor  # (B, A) padded after the stop token
-    response_mask: torch.Tensor  # (B, A) bool, the stop token included
-    contains_eos: torch.Tensor  # (B,) bool: ended with the stop token (all True without one)
+    responses: torch.Tensor  # (B, A) padded after the stop token (episodes: agent turns and replies)
+    response_mask: torch.Tensor  # (B, A) bool, the stop token included (episodes: every token after P)
+    action_mask: torch.Tensor  # (B, A) bool: the policy's actions, where every loss and the KL count
+    contains_eos: torch.Tensor  # (B,) bool: ended with the stop token (all True without one; episodes: not cut)
     logprobs: torch.Tensor  # (B, A) of the policy that sampled
     ref_logprobs: torch.Tensor  # (B, A)
     values: Optional[torch.Tensor]  # (B, A); None without a critic
@@ -47,10 +60,12 @@ class Rollout:
     nan_scores: torch.Tensor  # (B,) bool: the reward gave NaN/inf (counted as 0)
     scores: torch.Tensor  # (B,) after normalisation, clipping and EOS penalty
     kl: torch.Tensor  # (B, A) per-token KL estimate (0 outside the mask)
+    turn_rewards: torch.Tensor  # (B, A) the environment's reward of each turn at its last token (0: single-turn)
     rewards: torch.Tensor  # (B, A)
     advantages: torch.Tensor  # (B, A)
     returns: Optional[torch.Tensor]  # (B, A); the value target (gae only)
     engine_logprob_diff: Optional[tuple[float, float]]  # mean and max |engine - trainer| logprob, all processes
+    episodes: Optional[Episodes] = None  # the episodes (success, turns, tool calls, ...); None: single-turn
 
     @property
     def sequences(self):
@@ -65,41 +80,87 @@ def sampling(p: PPOHyperparameters, stop_id: Optional[int]) -> Sampling:
     return Sampling(p.temperature, p.top_p, p.max_new_tokens, stop_id)
 
 
-def make_rollout(s: State, prompts: list, step: int, clock) -> Rollout:
-    """Steps 1-5 above on this process's `prompts` (B message lists); `clock` marks each phase's time."""
-    p, acc, tok = s.cfg.ppo, s.accelerator, s.tokenizer
-    # 1. sample (the policy's logprobs come with it when the engine records them)
+@dataclass(frozen=True)
+class Sample:
+    """What step 1 hands on: the sampled tokens in PPO's layout and what the reward (or environment) gave."""
+
+    prompts: list  # B message lists
+    texts: list  # B texts for tables and logs
+    query_ids: torch.Tensor  # (B, P) left-padded
+    query_mask: torch.Tensor  # (B, P)
+    responses: torch.Tensor  # (B, A)
+    response_mask: torch.Tensor  # (B, A) bool: the tokens after the prompt
+    action_mask: torch.Tensor  # (B, A) bool: the sampled tokens among them
+    contains_eos: torch.Tensor  # (B,) bool
+    engine_logprobs: Optional[torch.Tensor]  # (B, A) the sampler's, None when it gave none
+    raw_scores: torch.Tensor  # (B,) the whole response's or episode's reward, as given
+    turn_rewards: torch.Tensor  # (B, A) the part of it placed at turn ends (zeros: all at the last token)
+    episodes: Optional[Episodes] = None
+
+
+def sample_responses(s: State, prompts: list, clock) -> Sample:
+    """Single-turn: the engine answers `prompts` (B message lists), the reward scores the answers."""
+    p, tok = s.cfg.ppo, s.tokenizer
     gen = s.engine.generate(encode_prompts(tok, prompts, p.max_prompt_length), s.sampling)
-    responses, response_mask = gen.response_ids, gen.response_mask
     clock.lap("time/generate")
-    # 2. forward passes, at the sampling temperature
-    ids = torch.cat([gen.prompt_ids, responses], 1)
-    mask = torch.cat([gen.prompt_mask, response_mask.long()], 1)
+    texts = decode(tok, gen)
+    raw = torch.as_tensor(s.reward.score(prompts, texts), dtype=torch.float32).to(s.accelerator.device)
+    clock.lap("time/score")
+    return Sample(prompts, texts, gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask,
+                  gen.response_mask, gen.stopped, gen.logprobs, raw, torch.zeros(gen.response_mask.shape,
+                                                                                device=raw.device))
+
+
+def sample_episodes(s: State, rows: list, clock) -> Sample:
+    """Multi-turn: one episode per data row in the run's environments, each turn sampled by the engine
+    (ppo.max_new_tokens per turn); the environment's rewards are the reward (no reward model)."""
+    sampler = EngineSampler(s.engine, s.sampling)
+    ep = s.env_pool.run(rows, s.tokenizer, sampler)
+    clock.lap("time/generate")
+    lay = split_at_prompt(ep, s.tokenizer.pad_token_id)
+    dev = s.accelerator.device
+    turn_rewards = lay.turn_rewards.to(dev)
+    return Sample(prompts=[first_messages(t) for t in ep.transcripts], texts=[transcript_text(t) for t in ep.transcripts],
+                  query_ids=lay.query_ids.to(dev), query_mask=lay.query_mask.to(dev), responses=lay.responses.to(dev),
+                  response_mask=lay.response_mask.to(dev), action_mask=lay.action_mask.to(dev),
+                  contains_eos=~ep.truncated.to(dev), engine_logprobs=lay.logprobs.to(dev) if sampler.recorded else None,
+                  raw_scores=turn_rewards.sum(-1), turn_rewards=turn_rewards, episodes=ep)
+
+
+def make_rollout(s: State, items: list, step: int, clock) -> Rollout:
+    """Steps 1-5 above on this process's `items` (B prompts, or data rows with an env); `clock` marks
+    each phase's time."""
+    p, acc = s.cfg.ppo, s.accelerator
+    # 1. sample (the policy's logprobs come with it when the engine records them), and score
+    x = s.sample(s, items, clock)
+    responses, action_mask = x.responses, x.action_mask
+    # 2. forward passes over every token, at the sampling temperature
+    ids = torch.cat([x.query_ids, responses], 1)
+    mask = torch.cat([x.query_mask, x.response_mask.long()], 1)
     recompute = not p.logprobs_from_generation
     logprobs, ref_logprobs, values, entropy = forward_rollout(
-        s.model, ids, mask, position_ids(mask), responses, gen.prompt_ids.shape[1], p.temperature, s.sizes.forward,
+        s.model, ids, mask, position_ids(mask), responses, x.query_ids.shape[1], p.temperature, s.sizes.forward,
         entropy=True, policy=recompute)
     if not recompute:
-        logprobs = gen.logprobs
-    diff = engine_agreement(gen.logprobs, logprobs, response_mask, acc, step, s.cfg.vllm.max_logprob_diff) \
-        if recompute and gen.logprobs is not None else None
+        logprobs = x.engine_logprobs
+    diff = engine_agreement(x.engine_logprobs, logprobs, action_mask, acc, step, s.cfg.vllm.max_logprob_diff) \
+        if recompute and x.engine_logprobs is not None else None
     clock.lap("time/forward")
-    # 3. score
-    texts = decode(tok, gen)
-    raw = torch.as_tensor(s.reward.score(prompts, texts), dtype=torch.float32).to(acc.device)
-    scores, nan = score(raw, gen.stopped, s, step)
-    clock.lap("time/score")
-    # 4. KL, and the KL-penalised per-token rewards
-    kl = core.kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * response_mask
+    # 3. the score credited at the last action: what the turn rewards did not place (single-turn: all of it)
+    scores, nan = score(x.raw_scores - x.turn_rewards.sum(-1), x.contains_eos, s, step)
+    # 4. KL on the actions, and the KL-penalised per-token rewards (turn rewards at the turns' ends)
+    kl = core.kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * action_mask
     kl_in_reward = s.kl_ctl.value if p.kl_penalty == "reward" else 0.0
-    rewards = core.per_token_rewards(scores, kl, response_mask, kl_in_reward)
-    # 5. advantages
+    rewards = credit.token_rewards(x.turn_rewards, scores, kl, action_mask, kl_in_reward)
+    # 5. advantages over the actions
     sum_over_processes = (lambda t: acc.reduce(t, "sum")) if s.sizes.world > 1 else None  # noqa: E731
-    adv, returns = advantages(rewards, values, response_mask, p, sum_over_processes)
-    return Rollout(prompts=prompts, texts=texts, query_ids=gen.prompt_ids, query_mask=gen.prompt_mask,
-                   responses=responses, response_mask=response_mask, contains_eos=gen.stopped, logprobs=logprobs,
-                   ref_logprobs=ref_logprobs, values=values, entropy=entropy, raw_scores=raw, nan_scores=nan,
-                   scores=scores, kl=kl, rewards=rewards, advantages=adv, returns=returns, engine_logprob_diff=diff)
+    adv, returns = advantages(rewards, values, action_mask, p, sum_over_processes)
+    return Rollout(prompts=x.prompts, texts=x.texts, query_ids=x.query_ids, query_mask=x.query_mask,
+                   responses=responses, response_mask=x.response_mask, action_mask=action_mask,
+                   contains_eos=x.contains_eos, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                   entropy=entropy, raw_scores=x.raw_scores, nan_scores=nan, scores=scores, kl=kl,
+                   turn_rewards=x.turn_rewards, rewards=rewards, advantages=adv, returns=returns,
+                   engine_logprob_diff=diff, episodes=x.episodes)
 
 
 def score(raw: torch.Tensor, contains_eos: torch.Tensor, s: State, step: int) -> tuple[torch.Tensor, torch.Tensor]:

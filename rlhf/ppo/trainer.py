@@ -28,11 +28,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from rlhf import config
+from rlhf.envs.episodes import EnvPool, load_rows
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import HeldOutEval
 from rlhf.generation.engine import Engine
@@ -72,9 +73,9 @@ def train(s: State, on_step=None, save: bool = True) -> list[dict]:
                disable=not acc.is_main_process)
     for step in bar:
         clock = Stopwatch()
-        # 1. this step's prompts (a function of the step: a resumed run continues where it stopped)
+        # 1. this step's prompts, or data rows with an env (a function of the step: a resumed run continues)
         prompts = step_prompts(s, step)
-        # 2. rollout: sample, forward passes, score, KL-penalised rewards, advantages
+        # 2. rollout: sample (responses or episodes), forward passes, score, KL-penalised rewards, advantages
         r = make_rollout(s, prompts, step, clock)
         # 3. update: ppo_epochs x mini-batches of the clipped policy (+ value) loss
         stats = ppo_update(acc, s.model, s.optimizer, s.scheduler, r, p, s.sizes,
@@ -98,7 +99,7 @@ def train(s: State, on_step=None, save: bool = True) -> list[dict]:
         # 7. checkpoint
         if save and ((step + 1) % cfg.save_steps == 0 or step + 1 == p.steps):
             checkpoint.save(acc, Path(cfg.output_dir), step + 1, s.history, s.scheduler, s.kl_ctl, s.moments,
-                            cfg.save_total_limit)
+                            cfg.save_total_limit, s.env_pool)
     return finish(s, save)
 
 
@@ -109,14 +110,14 @@ class State:
     cfg: PPOConfig
     accelerator: Any
     sizes: BatchSizes
-    prompts: list  # every training prompt (message lists)
+    prompts: list  # every training prompt (message lists), or with an env every data row (dicts)
     tokenizer: Any
     model: Any  # the ActorCritic as accelerate prepared it
     base_path: str  # the policy's base model directory
     model_bytes: int
     optimizer: Any
     scheduler: Any
-    reward: Any
+    reward: Any  # None with an env (the environment gives the rewards)
     reward_name: str  # as the user named it (its spec, or the class of a reward passed in)
     normalization: str  # what ppo.reward_normalization resolved to
     sampling: Sampling
@@ -127,6 +128,8 @@ class State:
     run: Any  # the W&B run, or None
     start_step: int
     history: list  # the metric rows so far (a resumed run's included)
+    sample: Callable  # step 1 of the rollout: rollout.sample_responses, or sample_episodes with an env
+    env_pool: Optional[EnvPool]  # the environments and their seed stream (None: single-turn)
 
 
 def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
@@ -142,7 +145,10 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
                                    mixed_precision="bf16" if torch_dtype(cfg.model) == torch.bfloat16 else "no")
     sizes = batch_sizes(p, accelerator.num_processes)
     resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
-    prompts = load_prompts(cfg.data)
+    # with an env, the environment is the reward and the data rows start its episodes
+    env_pool = EnvPool(cfg.env, cfg.seed) if cfg.env.spec else None
+    prompts = load_prompts(cfg.data) if env_pool is None else \
+        load_rows(cfg.data.train, cfg.data.split, cfg.data.column_map, cfg.data.max_samples)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts} = {p.per_device_rollout_batch_size} / ppo.samples_per_prompt "
@@ -151,15 +157,18 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
         from rlhf.generation.vllm_engine import find_python
 
         find_python(cfg.vllm.python)
-    reward_given = reward is not None
-    reward_name = type(reward).__name__ if reward_given else cfg.reward.spec
+    reward_given = reward is not None or env_pool is not None
+    reward_name = type(reward).__name__ if reward is not None else cfg.env.spec or cfg.reward.spec
     reward = reward if reward_given else models.load_reward_model(cfg, accelerator)
     tokenizer, ac, base_path = models.build_models(cfg, accelerator.is_main_process, accelerator, reward_given)
     sampling = rollout.sampling(p, stop_token_id(tokenizer, p.stop_token, "ppo.stop_token"))
     evaluator = None  # its prompts and judge load before anything is written: a bad one leaves nothing
     if cfg.eval.prompts is not None:
-        evaluator = HeldOutEval(cfg.eval, reward, sampling, p.max_prompt_length, tokenizer, accelerator, out)
-    normalization = rollout.reward_normalization(p.reward_normalization, reward, accelerator.is_main_process)
+        evaluator = HeldOutEval(cfg.eval, reward, sampling, p.max_prompt_length, tokenizer, accelerator, out,
+                                env=cfg.env if env_pool is not None else None)
+    # an environment's rewards are used as given (the task's own scale)
+    normalization = "none" if env_pool is not None else \
+        rollout.reward_normalization(p.reward_normalization, reward, accelerator.is_main_process)
     trainable = sum(getattr(q, "ds_numel", q.numel()) for g in ac.parameter_groups().values() for q in g)
     optimizer, scheduler = build_optimizer(ac, p, sizes, accelerator)
     model_bytes = models.model_bytes(ac)  # parameters and buffers held by this process (no critic: less)
@@ -168,7 +177,7 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
     kl_ctl = (core.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else core.FixedKLController(p.kl_coef))
     moments = core.RunningMoments()
-    start_step, history = checkpoint.resume(accelerator, resume_from, scheduler, kl_ctl, moments)
+    start_step, history = checkpoint.resume(accelerator, resume_from, scheduler, kl_ctl, moments, env_pool)
 
     if accelerator.is_main_process:
         config.save(cfg, out / "rlhf_config.yaml")
@@ -177,7 +186,8 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
         if start_step == 0 and evaluator is not None:
             (out / "eval_samples.jsonl").unlink(missing_ok=True)
     run = tracking.start(cfg.tracking, config.to_dict(cfg), cfg.output_dir, accelerator.is_main_process)
-    accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} prompts, {sizes.world} process(es), "
+    accelerator.print(f"ppo: peft.method={cfg.peft.method}, {len(prompts)} {'prompts' if env_pool is None else 'episode rows'}, "
+                      f"{sizes.world} process(es), "
                       f"rollout {sizes.global_rollout}/step, trainable parameters {trainable:,}")
     engine = models.start_engine(cfg, model, accelerator, tokenizer, base_path)
     cleanup.callback(engine.close)
@@ -185,7 +195,8 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
     if evaluator is not None:
         evaluator.restore(history)
     return State(cfg, accelerator, sizes, prompts, tokenizer, model, base_path, model_bytes, optimizer, scheduler,
-                 reward, reward_name, normalization, sampling, engine, evaluator, kl_ctl, moments, run, start_step, history)
+                 reward, reward_name, normalization, sampling, engine, evaluator, kl_ctl, moments, run, start_step, history,
+                 rollout.sample_episodes if env_pool is not None else rollout.sample_responses, env_pool)
 
 
 def step_prompts(s: State, step: int) -> list:

@@ -39,8 +39,8 @@ def build_optimizer(ac, p: PPOHyperparameters, sizes: BatchSizes, accelerator):
 def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyperparameters, sizes: BatchSizes,
                generator: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
     """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss (no value loss without a
-    critic; + kl_coef x the KL to the reference with `kl_penalty: loss`): a token-level mean over
-    the mini-batch of all processes. Each micro-batch's loss is weighted by its share of those tokens, so
+    critic; + kl_coef x the KL to the reference with `kl_penalty: loss`): a token-level mean over the
+    action tokens (`r.action_mask`) of the mini-batch of all processes. Each micro-batch's loss is weighted by its share of those tokens, so
     gradient accumulation and the number of processes give the same update as one big batch (a process
     with longer responses weighs more; DDP and DeepSpeed average gradients over processes, hence x world).
     The policy's and the critic's gradients are clipped separately (`max_grad_norm`, `critic_max_grad_norm`)."""
@@ -57,12 +57,12 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
         order = torch.randperm(sizes.local_rollout, generator=generator)
         for start in range(0, sizes.local_rollout, sizes.local_mini_batch):
             mb = order[start:start + sizes.local_mini_batch]
-            mb_tokens = r.response_mask[mb].sum()
+            mb_tokens = r.action_mask[mb].sum()
             if sizes.world > 1:
                 mb_tokens = accelerator.reduce(mb_tokens, "sum")
             for m0 in range(0, sizes.local_mini_batch, sizes.micro_batch):
                 i = mb[m0:m0 + sizes.micro_batch]
-                rmask = r.response_mask[i]
+                rmask = r.action_mask[i]  # the policy's actions: environment tokens get no loss
                 with accelerator.accumulate(model):
                     logits, values = model(ids[i], mask[i], pos[i], logits_to_keep=r.responses.shape[1] + 1)
                     new_lp = response_logprobs(logits, r.responses[i], cfg.temperature)

@@ -113,6 +113,11 @@ def check_inputs(cfg: PipelineConfig) -> None:
         e = getattr(cfg, stage).eval
         if stage not in cfg.stages or e.prompts is None:
             continue
+        if stage == "ppo" and cfg.ppo.env.spec:  # held-out episode rows; the environment judges
+            from rlhf.envs.episodes import load_rows
+
+            load_rows(e.prompts, max_samples=e.max_prompts)
+            continue
         load_prompts(PromptDataConfig(train=e.prompts, format=e.format))
         judge = e.reward.spec
         if judge is not None and (e.reward.kind == "function" or is_function_spec(judge)):
@@ -121,7 +126,15 @@ def check_inputs(cfg: PipelineConfig) -> None:
             raise UserError(f"{stage}.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
     if "ppo" not in cfg.stages:
         return
-    prompts = load_prompts(cfg.ppo.data)
+    if cfg.ppo.env.spec:
+        from rlhf.envs.episodes import load_rows
+        from rlhf.envs.interface import load_environment_class
+
+        load_environment_class(cfg.ppo.env.spec)
+        d = cfg.ppo.data
+        prompts = load_rows(d.train, d.split, d.column_map, d.max_samples)
+    else:
+        prompts = load_prompts(cfg.ppo.data)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts})")
@@ -156,7 +169,8 @@ def main(cfg: PipelineConfig) -> dict:
                 check(getattr(cfg, stage))
             except UserError as e:  # the stage's rule names its fields from the stage's own config
                 raise UserError(f"{stage}: {e}") from None
-    needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages else set())  # what the stages that run read
+    # what the stages that run read (PPO in an environment is rewarded by it: no reward model)
+    needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages and not cfg.ppo.env.spec else set())
     for stage in sorted(needed, key=STAGES.index):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
                 and not (out / stage / "adapter_config.json").exists():
@@ -172,7 +186,9 @@ def main(cfg: PipelineConfig) -> dict:
             results[stage] = runners[stage]()
             timings[stage] = time.perf_counter() - t0
     config.save(cfg, out / "rlhf_config.yaml")
-    report = write_report(out, timings, cfg.ppo.eval.reward.spec if cfg.ppo.eval.prompts else None)
+    judge = (f"success in {cfg.ppo.env.spec}" if cfg.ppo.env.spec else cfg.ppo.eval.reward.spec) \
+        if cfg.ppo.eval.prompts else None
+    report = write_report(out, timings, judge)
     print("\n" + (out / "report.md").read_text())
     verdict = report.get("heldout", {}).get("hacking")
     if verdict:
