@@ -45,8 +45,12 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path, sft_policy):
     h = ppo.main(cfg, reward=DigitReward())
     first = sum(m["objective/scores"] for m in h[:5]) / 5
     last = sum(m["objective/scores"] for m in h[-5:]) / 5
-    assert last > first + 0.1, (first, last)  # a quarter of the bundled prompts have number answers
-    assert max(m["objective/kl"] for m in h) < 6.0
+    # Bounds from the spread over seeds 0-9 of these settings (measured 2026-12, 2-core CPU): the mean score
+    # of the first 5 steps 0.23-0.38, of the last 5 0.79-0.85 (rise 0.42-0.59); the KL of single steps spikes
+    # (max 5.3-12.0: a fixed bound of 6 failed on other machines), its mean over the last 5 steps 3.6-4.7.
+    assert last > first + 0.2, (first, last)  # a quarter of the bundled prompts have number answers
+    kl = [m["objective/kl"] for m in h]
+    assert sum(kl[-5:]) / 5 < 8.0 and max(kl) < 25.0, kl
     assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0: policy == reference at start
     # The exported policy adapter loads on its base with plain peft and is not the base any more.
     from peft import AutoPeftModelForCausalLM

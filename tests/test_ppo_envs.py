@@ -119,7 +119,6 @@ def test_only_agent_tokens_are_trained_and_rewards_sit_at_turn_ends(tmp_path, sf
         assert r.raw_scores.tolist() == ep.returns.tolist()
 
         # the update ignores everything at environment positions, and not at agent positions
-        ac = s.accelerator.unwrap_model(s.model)
         params = dict(enumerate(q for group in s.optimizer.param_groups for q in group["params"]))  # both adapters
         start = {n: q.detach().clone() for n, q in params.items()}
         opt, sched = s.optimizer.state_dict(), s.scheduler.state_dict()
