@@ -421,7 +421,7 @@ def test_token_count_from_an_older_checkpoint_falls_back_to_its_log():
 
     from transformers import TrainerState
 
-    from rlhf.runtime.hf_trainer import TOKENS_KEY, TokenCount
+    from rlhf.stages.hf_trainer import TOKENS_KEY, TokenCount
 
     trainer = SimpleNamespace(_total_train_tokens=0)
     count = TokenCount(trainer)
