@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, RunsACommand
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -186,14 +186,6 @@ def test_every_from_pretrained_names_trust_remote_code():
 
 # ---------------------------------------------------------------------------------------------
 # Pickle weights: the files the loader reads
-
-
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import sft_config
+from conftest import RunsACommand, sft_config
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
@@ -19,18 +19,6 @@ from rlhf.runtime import checkpoints
 from rlhf.stages import sft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-class RunsACommand:
-    """Unpickling this runs `touch MARKER`, as a crafted checkpoint would run anything."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(scope="module")
