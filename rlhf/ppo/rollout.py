@@ -172,13 +172,14 @@ def score(raw: torch.Tensor, contains_eos: torch.Tensor, s: State, step: int) ->
         scores = (raw - mean) / std
     else:
         scores = raw.clone()
-    refuse_all_non_finite(s.accelerator.gather(scores), s.reward, s.reward_name)  # every process, or none, stops
+    every = s.accelerator.gather(scores)  # (world * B,): one gather serves the NaN check and the statistics
+    refuse_all_non_finite(every, s.reward, s.reward_name)  # every process, or none, stops
     nan = ~torch.isfinite(scores)
     if nan.any():
         warnings.warn(f"step {step}: {int(nan.sum())} reward(s) are NaN/inf; they count as 0 this step")
         scores = scores.masked_fill(nan, 0.0)
     if s.normalization == "running":
-        s.moments.update(s.accelerator.gather(scores))
+        s.moments.update(every.masked_fill(~torch.isfinite(every), 0.0))
         scores = (scores - s.moments.mean) / max(s.moments.std, 1e-8)
     if p.reward_clip is not None:
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
