@@ -73,7 +73,7 @@ def test_token_rewards_place_turn_rewards_kl_and_the_episode_score():
 def test_agent_gae_skips_environment_tokens(gamma, lam):
     g = torch.Generator().manual_seed(1)
     rewards, values = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
-    adv, ret = credit.agent_gae(rewards, values, ACTIONS, gamma, lam)
+    adv, ret = core.gae(rewards, values, ACTIONS, gamma, lam)
     want_adv, want_ret = loop_gae(rewards, values, ACTIONS, gamma, lam)
     assert torch.allclose(adv, want_adv, atol=1e-6) and torch.allclose(ret, want_ret, atol=1e-6)
     assert (adv[~ACTIONS] == 0).all() and (ret[~ACTIONS] == 0).all()
@@ -86,7 +86,7 @@ def test_environment_tokens_change_nothing_but_the_layout():
     context, not steps."""
     g = torch.Generator().manual_seed(2)
     rewards, values = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
-    adv, _ = credit.agent_gae(rewards, values, ACTIONS, 0.9, 0.8)
+    adv, _ = core.gae(rewards, values, ACTIONS, 0.9, 0.8)
     for b in range(2):
         pos = agent_positions(ACTIONS[b])
         compact_adv, _ = core.gae(rewards[b:b + 1, pos], values[b:b + 1, pos], torch.ones(1, len(pos)), 0.9, 0.8)
@@ -100,7 +100,7 @@ def test_all_actions_equals_single_turn_gae(gamma, lam):
     g = torch.Generator().manual_seed(3)
     rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     ones = torch.ones(4, 7, dtype=torch.bool)
-    adv, ret = credit.agent_gae(rewards, values, ones, gamma, lam)
+    adv, ret = core.gae(rewards, values, ones, gamma, lam)
     single_adv, single_ret = core.gae(rewards, values, ones, gamma, lam)
     assert torch.allclose(adv, single_adv) and torch.allclose(ret, single_ret)
     assert torch.allclose(adv, loop_gae(rewards, values, ones, gamma, lam)[0], atol=1e-6)
@@ -109,23 +109,23 @@ def test_all_actions_equals_single_turn_gae(gamma, lam):
 def test_trajectory_returns_and_returns_to_go():
     g = torch.Generator().manual_seed(4)
     rewards = torch.randn(3, 9, generator=g)
-    total = credit.trajectory_returns(rewards, ACTIONS)
+    total = core.sequence_returns(rewards, ACTIONS)
     want = torch.tensor([sum(rewards[b, t].item() for t in agent_positions(ACTIONS[b])) for b in range(3)])
     assert torch.allclose(total, want) and total[2] == 0
-    rtg = credit.returns_to_go(rewards, ACTIONS, gamma=0.9)
+    rtg = core.returns_to_go(rewards, ACTIONS, gamma=0.9)
     assert torch.allclose(rtg, loop_returns_to_go(rewards, ACTIONS, 0.9), atol=1e-6)
     first = [agent_positions(ACTIONS[b])[0] for b in range(2)]
-    assert torch.allclose(credit.returns_to_go(rewards, ACTIONS)[[0, 1], first], total[:2])  # gamma 1: the whole return
+    assert torch.allclose(core.returns_to_go(rewards, ACTIONS)[[0, 1], first], total[:2])  # gamma 1: the whole return
 
 
 def test_spread_puts_the_episode_advantage_on_its_agent_tokens():
-    adv = credit.spread(torch.tensor([1.5, -2.0, 7.0]), ACTIONS)
+    adv = core.spread(torch.tensor([1.5, -2.0, 7.0]), ACTIONS)
     assert adv.shape == (3, 9)
     assert (adv[0][ACTIONS[0]] == 1.5).all() and (adv[1][ACTIONS[1]] == -2.0).all()
     assert (adv[~ACTIONS] == 0).all()  # environment, prompt, padding; and row 2 has no action at all
     # GRPO over a group of the two episodes' trajectory returns, spread to their tokens
     rewards = torch.zeros(3, 9)
     rewards[0, 8], rewards[1, 5] = 1.0, 0.0
-    grpo = core.grpo_advantages(credit.trajectory_returns(rewards, ACTIONS)[:2], group_size=2)
-    spread = credit.spread(grpo, ACTIONS[:2])
+    grpo = core.grpo_advantages(core.sequence_returns(rewards, ACTIONS)[:2], group_size=2)
+    spread = core.spread(grpo, ACTIONS[:2])
     assert spread[0, 2] > 0 > spread[1, 1] and spread[0, 5] == 0

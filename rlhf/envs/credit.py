@@ -7,20 +7,21 @@ advantage, no return, and the losses (policy, value, KL, entropy) are averaged o
 
 - `token_rewards`: the KL penalty on each agent token, each turn's environment reward on the last token
   of that turn, and an episode score (a reward model's or a function's, if any) on the last agent token.
-- `agent_gae`: GAE whose steps are the agent's tokens only, across turns: the value after an agent token
-  is the value of the NEXT agent token (the environment's reply between two turns is skipped), and
-  gamma and lam apply once per agent token. The value after the last agent token is 0 (no bootstrap),
-  also for an episode cut by a limit, as for a single-turn reply without EOS.
-- `trajectory_returns`: the whole episode's return, the sequence reward of GRPO, RLOO and REINFORCE++'s
-  baseline; `returns_to_go` its per-token form for REINFORCE++; `spread` puts one advantage per episode on
-  its agent tokens.
+
+The advantages need nothing of their own: the estimators of `rlhf.ppo.core` run on the action mask.
+`core.gae` skips masked positions, so its steps are the agent's tokens only, across turns (the value after
+an agent token is the value of the NEXT agent token, the environment's reply between two turns skipped;
+gamma and lam apply once per agent token; no bootstrap after the last agent token, also for an episode cut
+by a limit, as for a single-turn reply without EOS); `core.returns_to_go` is REINFORCE++'s per-token return
+over the same tokens; `core.sequence_returns` is the whole episode's return that GRPO and RLOO compare, and
+`core.spread` puts one advantage per episode on its agent tokens (tests/test_credit.py checks each against
+loops over the agent's tokens).
 
 Shapes: B episodes, T tokens of the longest episode (prompt and all turns).
 """
 
 import torch
 
-from rlhf.ppo import core
 
 
 def turn_ends(action_mask: torch.Tensor) -> torch.Tensor:
@@ -52,34 +53,3 @@ def token_rewards(turn_rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Te
     last = last_action_index(mask)  # (B,)
     score = torch.where(last >= 0, scores, 0).to(rewards.dtype)  # (B,)
     return rewards.scatter_add(1, last.clamp_min(0).unsqueeze(1), score.unsqueeze(1))
-
-
-def agent_gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float,
-              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over the agent's tokens across turns: rewards, values, action_mask (B, T) -> (advantages,
-    returns) (B, T), 0 off the action mask.
-
-    delta_t = r_t + gamma * V_next(t) - V_t and A_t = delta_t + gamma * lam * A_next(t), where next(t) is
-    the next AGENT token after t (past any environment tokens), and V, A after the last one are 0. This
-    is the recursion of `rlhf.ppo.core.gae`, which skips masked positions and so steps over the
-    environment's tokens exactly so: the one implementation serves both (tests/test_credit.py checks it
-    against a loop over the agent's tokens, and against single-turn GAE when every token is an action).
-    """
-    return core.gae(rewards, values, action_mask, gamma, lam)
-
-
-def returns_to_go(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """(B, T) -> (B, T): the discounted sum of the rewards of this and the later agent tokens (REINFORCE++'s
-    advantage before its batch normalisation), environment tokens skipped; 0 off the action mask."""
-    return core.returns_to_go(rewards, action_mask, gamma)
-
-
-def trajectory_returns(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B,): the undiscounted sum of the rewards on the agent's tokens; the sequence reward that
-    GRPO's and RLOO's group baselines compare."""
-    return torch.where(action_mask.bool(), rewards, 0).sum(dim=1)
-
-
-def spread(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) episode advantages -> (B, T): each on every agent token of its episode, 0 elsewhere (GRPO, RLOO)."""
-    return torch.where(action_mask.bool(), advantages.unsqueeze(1), 0).to(advantages.dtype)

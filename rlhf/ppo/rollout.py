@@ -10,7 +10,7 @@
      the per-token rewards; an environment's per-turn rewards at the end of each turn
   5. advantages by `ppo.advantage_estimator` over the action tokens (and GAE's returns)
 
-Episodes: GAE steps over the agent's tokens across turns (`rlhf.envs.credit.agent_gae` is `core.gae`
+Episodes: GAE steps over the agent's tokens across turns (`core.gae`
 with the action mask), GRPO/RLOO take the trajectory's return (the sum of its rewards). An episode cut
 by a limit counts as a response without EOS: `ppo.missing_eos_penalty` is subtracted at its last agent
 token, and GAE does not bootstrap past it (the value after the last agent token is 0, as for a
@@ -250,10 +250,10 @@ def advantages(rewards: torch.Tensor, values: Optional[torch.Tensor], response_m
     elif est == "reinforce_pp":
         adv = core.returns_to_go(rewards, mask, p.gamma)
     else:
-        sequence = rewards.sum(-1)  # (B,): rewards are 0 outside the mask
+        sequence = core.sequence_returns(rewards, mask)  # (B,)
         seq_adv = (core.rloo_advantages(sequence, p.samples_per_prompt) if est == "rloo" else
                    core.grpo_advantages(sequence, p.samples_per_prompt, p.grpo_std_normalization))
-        return torch.where(mask, seq_adv[:, None], 0), None
+        return core.spread(seq_adv, mask), None
     if p.whiten_advantages:  # over the global batch (N+ details), not each process's slice
         adv = core.masked_whiten(adv, mask, all_reduce=all_reduce)
     return adv, returns
