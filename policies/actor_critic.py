@@ -155,10 +155,10 @@ class ActorCritic(nn.Module):
         return self.reference(**kw).logits
 
     def forward(self, input_ids, attention_mask, position_ids, reference: bool = False, logits_to_keep: int = 0,
-                values_only: bool = False):
+                values_only: bool = False, values: bool = True):
         """(policy logits (B, T or logits_to_keep, V), values (B, T)) in one call: what a training step
-        needs; with `reference`, (reference logits, None); with `values_only`, (None, values). Without a
-        critic, values are None.
+        needs; with `reference`, (reference logits, None); with `values_only`, (None, values); with
+        `values=False`, (policy logits, None): no critic pass. Without a critic, values are None.
         Everything goes through forward so that a DeepSpeed engine wrapping this module sees (and,
         under ZeRO-3, gathers for) every call."""
         if reference:
@@ -166,7 +166,7 @@ class ActorCritic(nn.Module):
         if values_only:  # (None, None) without a critic: `values` is None there
             return None, self.values(input_ids, attention_mask, position_ids)
         return (self.policy_logits(input_ids, attention_mask, position_ids, logits_to_keep),
-                self.values(input_ids, attention_mask, position_ids))
+                self.values(input_ids, attention_mask, position_ids) if values else None)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters as {"policy": [...], "critic": [...]} (the value head is the critic's):

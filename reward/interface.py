@@ -233,22 +233,23 @@ def is_function_spec(spec: str) -> bool:
     return not os.path.exists(spec) and _FUNCTION_SPEC.match(spec) is not None
 
 
-def load_function(spec: str) -> FunctionReward:
-    """Import the function named by `module:function` or `path/to/file.py:function`."""
+def import_spec(spec: str, what: str):
+    """(module, name) of a `module:name` or `path/to/file.py:name` spec, the module imported; `what` names
+    the thing in errors ("reward function", "environment"). The name is not looked up here."""
     m = _FUNCTION_SPEC.match(spec)
     if m is None:
-        raise RewardError(f"reward function '{spec}': expected module:function or path/to/file.py:function")
+        raise RewardError(f"{what} '{spec}': expected module:name or path/to/file.py:name")
     target, name = m.group("target"), m.group("name")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise RewardError(f"reward function '{spec}': file '{target}' does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"_rlhf_reward_{path.stem}", path)
+            raise RewardError(f"{what} '{spec}': file '{target}' does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_rlhf_spec_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: any error in it is theirs
-            raise RewardError(f"reward function '{spec}': importing {target} failed "
+            raise RewardError(f"{what} '{spec}': importing {target} failed "
                               f"({type(e).__name__}: {e})") from None
     else:
         added = os.getcwd() not in sys.path
@@ -257,14 +258,20 @@ def load_function(spec: str) -> FunctionReward:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
-            raise RewardError(f"reward function '{spec}': no module named '{e.name}' (expected module:function "
-                              "with the module importable, or path/to/file.py:function)") from None
+            raise RewardError(f"{what} '{spec}': no module named '{e.name}' (expected module:name "
+                              "with the module importable, or path/to/file.py:name)") from None
         except Exception as e:
-            raise RewardError(f"reward function '{spec}': importing {target} failed "
+            raise RewardError(f"{what} '{spec}': importing {target} failed "
                               f"({type(e).__name__}: {e})") from None
         finally:
             if added:
                 sys.path.remove(os.getcwd())
+    return module, name
+
+def load_function(spec: str) -> FunctionReward:
+    """Import the function named by `module:function` or `path/to/file.py:function`."""
+    module, name = import_spec(spec, "reward function")
+    target = spec.rsplit(":", 1)[0]
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))

@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:
         progress.clear_bars()  # nothing of a bar before or around the error line
-        print(f"rlhf {command}: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always one line
+        from rlhf.runtime.launch import report_error
+
+        line = f"rlhf {command}: error: " + " ".join(str(e).splitlines())  # always one line
+        if not report_error(line):  # under --accelerate the parent prints it, not the launcher's traceback
+            print(line, file=sys.stderr)
         return 2
     except BrokenPipeError:  # `rlhf ppo --help | head`: the reader left; nothing more to say
         import os

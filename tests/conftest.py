@@ -19,6 +19,16 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+class RunsACommand:
+    """Unpickling this runs `touch MARKER`, as a crafted checkpoint or weights file would run anything."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def real_file(name: str) -> Path:
     """A real data sample from ../shared/data/real/, or skip (users' clones do not have it)."""
     path = REAL_DATA / name
@@ -36,3 +46,22 @@ def sft_config(tmp_path, *args: str):
             "--data.max_samples", "96", "--train.per_device_train_batch_size", "8",
             "--peft.method", "lora", "--train.warmup_steps", "0"]
     return config.parse(config.SFTConfig, base + list(args), "rlhf sft")
+
+
+# The suite runs on both cores (`-n 2` in pyproject's addopts, pytest-xdist). Tests that start several
+# processes (accelerate launches, the vLLM engine) go to one worker, one at a time: they each want both
+# cores, and accelerate's launches share its default port (29500).
+MULTIPROCESS = {  # module -> test-name prefixes (None: the whole module)
+    "test_ppo_distributed.py": None,
+    "test_vllm.py": None,
+    "test_distributed_stages.py": ("test_two_",),
+    "test_launch.py": ("test_ppo_through_the_flag",),
+    "test_dpo.py": ("test_two_processes",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        prefixes = MULTIPROCESS.get(item.path.name, ())
+        if prefixes is None or any(item.name.startswith(p) for p in prefixes):
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))

@@ -73,7 +73,8 @@ def test_ppo_column_map_to_a_missing_column_in_a_subprocess(tmp_path):
 
 
 def test_ppo_column_map_renames_prompts_and_pairs(tmp_path):
-    from rlhf.ppo.trainer import PromptDataConfig, load_prompts
+    from rlhf.generation.prompts import load_prompts
+    from rlhf.ppo.config import PromptDataConfig
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"q": f"question {i}?", "good": "yes", "bad": "no"} for i in range(4)])
     expected = [[{"role": "user", "content": f"question {i}?"}] for i in range(4)]
@@ -420,7 +421,7 @@ def test_token_count_from_an_older_checkpoint_falls_back_to_its_log():
 
     from transformers import TrainerState
 
-    from rlhf.runtime.hf_trainer import TOKENS_KEY, TokenCount
+    from rlhf.stages.hf_trainer import TOKENS_KEY, TokenCount
 
     trainer = SimpleNamespace(_total_train_tokens=0)
     count = TokenCount(trainer)

@@ -104,7 +104,7 @@ def test_save_round_trips(tmp_path):
 def test_every_shipped_config_parses():
     from conftest import REPO
 
-    from rlhf.ppo import trainer as ppo
+    from rlhf import ppo
     from rlhf.stages.pipeline import PipelineConfig
 
     classes = {"sft_": SFTConfig, "ppo_": ppo.PPOConfig, "quickstart": PipelineConfig,

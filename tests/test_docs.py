@@ -63,6 +63,9 @@ RUN_BY: dict[str, Run] = {
     "rlhf pipeline --config configs/quickstart.yaml":
         Run("tests/test_pipeline.py::test_quickstart_pipeline_end_to_end", ('"pipeline"',)),
     "python -m rlhf.generation.vllm_env": Run(".ci/run"),
+    # docs/agents.md
+    "rlhf pipeline --config configs/agent_quickstart.yaml":
+        Run("tests/test_ppo_envs.py::test_agent_quickstart_pipeline_at_tiny_size", ('"pipeline"',)),
     "rlhf sft --config configs/sft_tiny.yaml": Run("tests/test_cli.py::test_quickstart_end_to_end", ('"sft"',)),
     "rlhf reward --config configs/reward_tiny.yaml": Run(_CLI_RM, ('"reward"',)),
     # its reward model swapped for the exact-answer function (the config's own tip); PPO against a trained

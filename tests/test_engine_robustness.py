@@ -285,3 +285,16 @@ def test_every_process_reads_the_weights_its_nodes_main_process_writes(tmp_path,
     mp.spawn(_node_weights_file, args=(local_ranks, str(tmp_path / "init"), str(tmp_path)), nprocs=len(local_ranks))
     for rank, w in enumerate(writer):
         assert (tmp_path / str(rank)).read_text() == f"/dev/shm/engine-of-rank-{w}/weights.safetensors"
+
+
+def test_a_built_vllm_environment_is_found():
+    """The README's test command builds `.venv-vllm` before pytest: then the vLLM tests must find it and run,
+    not skip (a path that moved with the code once made them skip silently)."""
+    from conftest import REPO
+
+    from rlhf.generation.vllm_engine import available
+
+    built = REPO / ".venv-vllm" / "bin" / "python"
+    if not built.exists() and not os.environ.get("RLHF_VLLM_PYTHON"):
+        pytest.skip("no vLLM environment here (the README's test command creates .venv-vllm)")
+    assert available() is not None, f"{built} exists but the engine does not find a vLLM Python"

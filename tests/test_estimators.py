@@ -11,9 +11,10 @@ from rewards import DigitReward
 from safetensors.torch import load_file
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
-from rlhf import config
+from rlhf import config, ppo
 from rlhf.errors import UserError
-from rlhf.ppo import trainer as ppo
+from rlhf.ppo import config as ppo_cfg
+from rlhf.ppo import models, rollout
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CRITIC_FREE = ["rloo", "grpo", "reinforce_pp"]
@@ -31,8 +32,8 @@ def test_critic_free_run_builds_no_critic(tmp_path, sft_policy, method):  # noqa
     gae_cfg = ppo_config(tmp_path / "gae", sft_policy, "--peft.method", method, "--ppo.steps", "1")
     grpo_cfg = estimator_config(tmp_path / "grpo", sft_policy, "grpo", "--peft.method", method, "--ppo.steps", "1",
                                 "--save_steps", "1")
-    _, with_critic, _ = ppo.build_models(gae_cfg, True)
-    _, critic_free, _ = ppo.build_models(grpo_cfg, True)
+    _, with_critic, _ = models.build_models(gae_cfg, True)
+    _, critic_free, _ = models.build_models(grpo_cfg, True)
     names = [n for n, _ in critic_free.named_parameters()]
     assert not critic_free.has_critic and critic_free.value_head is None and critic_free.critic is None
     assert not [n for n in names if "critic" in n or "value_head" in n]
@@ -70,12 +71,12 @@ def test_group_advantages_credit_every_token_of_a_response():
     p = ppo.PPOHyperparameters(advantage_estimator="rloo", samples_per_prompt=2)
     rewards = torch.tensor([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 2.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]).bool()
-    adv, returns = ppo.advantages(rewards, None, mask, p)
+    adv, returns = rollout.advantages(rewards, None, mask, p)
     # sequence rewards 1, 3 | 2, 2: RLOO advantages -2, 2 | 0, 0 on every real token, 0 on padding
     expected = torch.tensor([[-2.0, -2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert returns is None and torch.equal(adv, expected)
     p.advantage_estimator = "reinforce_pp"
-    adv, _ = ppo.advantages(rewards, None, mask, p)  # returns to go, whitened over the batch's real tokens
+    adv, _ = rollout.advantages(rewards, None, mask, p)  # returns to go, whitened over the batch's real tokens
     assert adv[mask].mean().abs() < 1e-6 and (adv[~mask] == 0).all()
 
 
@@ -89,6 +90,10 @@ def test_kl_in_the_loss_holds_the_policy_near_the_reference(tmp_path, sft_policy
     assert all("loss/kl" in m for m in held)
     # the reward carries no KL penalty: the normalised score is the whole per-sequence reward
     assert held[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    # ... so the metrics say so: no non-score reward, the RLHF reward is the score, though the policy moved
+    assert all(m["objective/non_score_reward"] == 0 for m in held)
+    assert all(m["objective/rlhf_reward"] == m["objective/scores_normalized"] for m in held)
+    assert max(m["objective/kl"] for m in held) > 0.01
     kl_free = sum(m["objective/kl"] for m in free[-4:]) / 4
     kl_held = sum(m["objective/kl"] for m in held[-4:]) / 4
     assert kl_held < 0.7 * kl_free, (kl_held, kl_free)
@@ -104,7 +109,7 @@ def test_kl_in_the_loss_holds_the_policy_near_the_reference(tmp_path, sft_policy
 ])
 def test_estimator_misconfigurations_are_refused(args, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        ppo.check(config.parse(ppo.PPOConfig, args, "t"))
+        ppo_cfg.check(config.parse(ppo.PPOConfig, args, "t"))
 
 
 @pytest.mark.parametrize("args", [

@@ -8,9 +8,9 @@ from conftest import REPO
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
-from rlhf import cli, config
+from rlhf import cli, config, ppo
 from rlhf.evaluation import eval_policy
-from rlhf.ppo import trainer as ppo
+from rlhf.generation.prompts import load_prompts
 
 
 class RecordingReward(DigitReward):
@@ -49,7 +49,7 @@ def test_samples_per_prompt(tmp_path, sft_policy):  # noqa: F811
     r = eval_policy.main(cfg, reward=reward)
     assert (r["n_prompts"], r["samples_per_prompt"], r["n_samples"]) == (10, 3, 30)
     assert len(reward.responses) == 2 * 30  # policy's and reference's samples, each scored once
-    prompts = ppo.load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts)
     assert reward.prompts[:30] == reward.prompts[30:] == [p for p in prompts for _ in range(3)]
     assert any(len(set(reward.responses[i:i + 3])) > 1 for i in range(0, 30, 3))  # K samples, not K copies
     assert r["win_rate"] == 0.5  # still the same model and seed: every pair is a tie
@@ -81,3 +81,27 @@ def test_ppo_policy_beats_its_reference(tmp_path, sft_policy):  # noqa: F811
     assert r["reward_policy"] > r["reward_reference"]
     assert r["win_rate"] > 0.55
     assert r["kl_policy_reference"] > 0.05  # it moved away from the reference
+
+
+def test_stop_token_and_device(tmp_path, sft_policy, monkeypatch):  # noqa: F811
+    """Regressions: `rlhf eval policy` stopped at EOS whatever the stop token, and never moved its models
+    to the GPU (the device is the one `default_device` chooses; tests/test_generation.py checks that it
+    is the GPU when there is one)."""
+    import torch
+
+    chosen, moved = [], []
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kw):
+        moved.append(args[0] if args else kw.get("device"))
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(eval_policy, "default_device", lambda: chosen.append(torch.device("cpu")) or chosen[-1])
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    cfg = config.parse(eval_policy.EvalPolicyConfig, [
+        "--policy", sft_policy, "--reference", sft_policy, "--prompts.max_samples", "8", "--max_new_tokens", "6",
+        "--temperature", "0", "--stop_token", "None", "--output", str(tmp_path / "e.json")], "t")
+    r = eval_policy.main(cfg, reward=DigitReward())
+    assert len(chosen) == 1 and moved.count(chosen[0]) >= 2  # the policy and the reference
+    assert r["length_policy"] == r["length_reference"] == 6  # no stop token: every answer runs to the end
+    assert r["truncated_rate_policy"] == 0.0

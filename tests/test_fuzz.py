@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from policies.models import ModelLoadError
 from reward.errors import RewardError
-from rlhf import config
+from rlhf import config, ppo
 from rlhf.config import DataConfig
 from rlhf.data import preference_data
 from rlhf.data.sft_data import load_sft_data
 from rlhf.errors import UserError
-from rlhf.ppo import trainer as ppo
+from rlhf.ppo import config as ppo_cfg
 from rlhf.stages import reward_stage, sft
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -33,7 +33,7 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.di
     st.text(max_size=8), inner, max_size=3), max_leaves=6)
 
 STAGES = {"sft": (config.SFTConfig, sft.check), "reward": (config.RewardConfig, reward_stage.check),
-          "ppo": (ppo.PPOConfig, ppo.check)}
+          "ppo": (ppo.PPOConfig, ppo_cfg.check)}
 
 
 def field_names(cls, prefix=""):

@@ -10,7 +10,8 @@ from rewards import response_chars
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
 
 from rlhf import cli
-from rlhf.ppo.trainer import PromptDataConfig, load_prompts
+from rlhf.generation.prompts import load_prompts
+from rlhf.ppo.config import PromptDataConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -107,3 +108,31 @@ def test_bad_option_exits_2_and_writes_nothing(option, value, tmp_path, sft_poli
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and option.lstrip("-") in err, err
     assert not out.parent.exists()
+
+
+def test_stop_token_option(tmp_path, sft_policy):  # noqa: F811
+    """Regression: `rlhf generate` stopped at EOS whatever the stop token; with none, every answer runs to
+    max_new_tokens, and the greedy answer that stopped at EOS is where it starts."""
+    args = ["generate", "--model", sft_policy, "--prompts.max_samples", str(N), "--temperature", "0",
+            "--max_new_tokens", "12"]
+    assert cli.main(args + ["--output", str(tmp_path / "eos.jsonl")]) == 0
+    assert cli.main(args + ["--stop_token", "None", "--output", str(tmp_path / "none.jsonl")]) == 0
+    eos, none = read(tmp_path / "eos.jsonl"), read(tmp_path / "none.jsonl")
+    assert any(r["length"] < 12 for r in eos)  # some answers stop at EOS by default
+    assert all(r["length"] == 12 for r in none)
+    assert all(b["response"].startswith(a["response"]) for a, b in zip(eos, none))
+    assert any(len(b["response"]) > len(a["response"]) for a, b in zip(eos, none))
+
+
+def test_rewards_that_are_null_are_left_out_of_the_mean(tmp_path, sft_policy, capsys):  # noqa: F811
+    """Regression: the summary summed the `null` rewards `rlhf generate` had written itself."""
+    fn = tmp_path / "half.py"
+    fn.write_text("def half(prompts, responses):\n    return [float('nan') if i % 2 else 1.0 "
+                  "for i in range(len(responses))]\n")
+    out = tmp_path / "g.jsonl"
+    with pytest.warns(UserWarning, match="gave 2 non-finite score"):
+        code = cli.main(["generate", "--model", sft_policy, "--prompts.max_samples", "4", "--max_new_tokens", "4",
+                         "--reward.spec", f"{fn}:half", "--output", str(out)])
+    assert code == 0
+    assert [r["reward"] for r in read(out)] == [1.0, None, 1.0, None]
+    assert "mean reward 1.0000 over the 2 scored" in capsys.readouterr().out

@@ -82,7 +82,7 @@ def test_ppo_bf16(tmp_path, sft_policy, monkeypatch):  # noqa: F811
     from rewards import DigitReward
     from test_ppo import ppo_config
 
-    from rlhf.ppo import trainer as ppo
+    from rlhf import ppo
     from rlhf.runtime import distributed
 
     seen = {}
@@ -109,7 +109,7 @@ def test_ppo_full_bf16_steps_float32_master_weights(tmp_path, sft_policy):  # no
     from safetensors.torch import load_file
     from test_ppo import ppo_config
 
-    from rlhf.ppo import trainer as ppo
+    from rlhf import ppo
 
     before = load_file(f"{sft_policy}/model.safetensors")
     h = ppo.main(ppo_config(tmp_path, sft_policy, "--peft.method", "full", "--ppo.learning_rate", "1e-5",

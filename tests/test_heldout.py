@@ -11,9 +11,9 @@ import torch
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
+from rlhf import ppo
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import reward_hacking
-from rlhf.ppo import trainer as ppo
 
 
 def test_reward_hacking_rule():
@@ -160,3 +160,41 @@ def test_ppo_tiny_function_reward_tip_works_as_written(tmp_path, sft_policy):  #
     h = ppo.main(cfg)
     assert len(h) == 2 and all(0.0 <= m["objective/scores"] <= 1.0 for m in h)  # exact_answer: 0 or 1 each
     assert (tmp_path / "policy" / "adapter_config.json").exists()
+
+
+def test_eval_samples_with_the_runs_options_and_runs_no_critic(tmp_path, sft_policy, monkeypatch):  # noqa: F811
+    """Regressions: `ppo.stop_token: null` reached the held-out truncation (it raised), the evaluation
+    sampled at top_p 1.0 whatever ppo.top_p, and it ran the critic for values it threw away."""
+    from policies.actor_critic import ActorCritic
+    from rlhf.evaluation.heldout import HeldOutEval
+
+    calls = {"values": 0, "values_in_eval": 0}
+    real_values, real_call = ActorCritic.values, HeldOutEval.__call__
+
+    def values(self, *args, **kw):
+        calls["values"] += 1
+        return real_values(self, *args, **kw)
+
+    def evaluate(self, *args, **kw):
+        before = calls["values"]
+        out = real_call(self, *args, **kw)
+        calls["values_in_eval"] += calls["values"] - before
+        return out
+
+    monkeypatch.setattr(ActorCritic, "values", values)
+    monkeypatch.setattr(HeldOutEval, "__call__", evaluate)
+    # top_p 1e-6: the nucleus is the most likely token alone, so sampled answers are the greedy ones
+    cfg = ppo_config(tmp_path, sft_policy, "--ppo.steps", "1", "--ppo.stop_token", "None", "--ppo.top_p", "1e-6",
+                     "--ppo.max_new_tokens", "6",
+                     *eval_args(tmp_path, "1", "--eval.reward.spec", "tests/rewards.py:digit_fraction"))
+    h = ppo.main(cfg, reward=DigitReward())
+    evals = [m for m in h if "eval/reward" in m]
+    assert [m["step"] for m in evals] == [0, 1]
+    assert all(m["eval/length"] == 6 and m["eval/greedy/length"] == 6 for m in evals)  # no stop token: to the end
+    samples = [json.loads(line) for line in (tmp_path / "ppo" / "eval_samples.jsonl").read_text().splitlines()]
+    for step in (0, 1):
+        sampled = [r["response"] for r in samples if r["step"] == step and r["mode"] == "sampled"]
+        greedy = [r["response"] for r in samples if r["step"] == step and r["mode"] == "greedy"]
+        assert len(sampled) == 10 and sampled == greedy
+    assert calls["values"] > 0 and calls["values_in_eval"] == 0  # the training ran the critic, the evaluation not
+    assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # its KL pass still ran: policy == reference

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, RunsACommand
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -98,7 +98,7 @@ from policies import models
 from reward import models as reward_models
 from reward.interface import load_reward
 from rlhf.evaluation.eval_policy import load_lm
-from rlhf.ppo import trainer
+from rlhf.ppo import models as ppo_models
 from rlhf.runtime import memory
 from rlhf.stages.merge import merge
 loaders = {
@@ -112,7 +112,7 @@ loaders = {
     "load_lm_adapter": lambda: load_lm(adapter),
     "merge": lambda: merge(adapter, str(root / "merged")),
     "memory_config": lambda: memory._load_config(model, model, "the directory"),
-    "ppo_reward_body": lambda: trainer._load_reward_body(reward, torch.float32),
+    "ppo_reward_body": lambda: ppo_models._load_reward_body(reward, torch.float32),
 }
 out = {}
 for name, load in loaders.items():
@@ -186,14 +186,6 @@ def test_every_from_pretrained_names_trust_remote_code():
 
 # ---------------------------------------------------------------------------------------------
 # Pickle weights: the files the loader reads
-
-
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(scope="module")

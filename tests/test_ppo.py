@@ -10,9 +10,11 @@ from conftest import REPO, real_file
 from rewards import DigitReward, NaNReward
 from safetensors.torch import load_file
 
-from rlhf import config
+from rlhf import config, ppo
 from rlhf.errors import UserError
-from rlhf.ppo import trainer as ppo
+from rlhf.generation.prompts import encode_prompts, left_pad, load_prompts, position_ids
+from rlhf.ppo import config as ppo_cfg
+from rlhf.ppo import models, rollout
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -43,8 +45,12 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path, sft_policy):
     h = ppo.main(cfg, reward=DigitReward())
     first = sum(m["objective/scores"] for m in h[:5]) / 5
     last = sum(m["objective/scores"] for m in h[-5:]) / 5
-    assert last > first + 0.1, (first, last)  # a quarter of the bundled prompts have number answers
-    assert max(m["objective/kl"] for m in h) < 6.0
+    # Bounds from the spread over seeds 0-9 of these settings (measured 2026-12, 2-core CPU): the mean score
+    # of the first 5 steps 0.23-0.38, of the last 5 0.79-0.85 (rise 0.42-0.59); the KL of single steps spikes
+    # (max 5.3-12.0: a fixed bound of 6 failed on other machines), its mean over the last 5 steps 3.6-4.7.
+    assert last > first + 0.2, (first, last)  # a quarter of the bundled prompts have number answers
+    kl = [m["objective/kl"] for m in h]
+    assert sum(kl[-5:]) / 5 < 8.0 and max(kl) < 25.0, kl
     assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0: policy == reference at start
     # The exported policy adapter loads on its base with plain peft and is not the base any more.
     from peft import AutoPeftModelForCausalLM
@@ -65,7 +71,7 @@ def initial_state(cfg) -> dict[str, torch.Tensor]:
     from accelerate import PartialState
 
     PartialState()
-    _, ac, _ = ppo.build_models(cfg, True)
+    _, ac, _ = models.build_models(cfg, True)
     return {k: v.detach().clone() for k, v in ac.state_dict().items()}
 
 
@@ -80,7 +86,7 @@ def test_only_policy_critic_and_value_head_change(tmp_path, sft_policy, method):
         # bitsandbytes' CPU backend repacks 4-bit weights and re-serialises their quantisation constants
         # between train and eval passes, so packed bytes are not comparable; those weights are not
         # trainable at all (checked here), the rest (embeddings, norms, LM head) is compared.
-        trainable = {n for n, p in ppo.build_models(cfg, True)[1].named_parameters() if p.requires_grad}
+        trainable = {n for n, p in models.build_models(cfg, True)[1].named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n or n.startswith("value_head.") for n in trainable)
         after = {k: v for k, v in after.items() if v.dtype != torch.uint8 and "absmax" not in k
                  and "quant_" not in k and before[k].shape == v.shape}
@@ -178,12 +184,12 @@ def test_nan_reward_is_reported_not_propagated(tmp_path, sft_policy):
 def test_batch_sizes_divide_exactly():
     p = ppo.PPOHyperparameters(per_device_rollout_batch_size=16, num_mini_batches=2, gradient_accumulation_steps=4,
                                steps=10, ppo_epochs=3)
-    s = ppo.batch_sizes(p, world=2)
+    s = ppo_cfg.batch_sizes(p, world=2)
     assert (s.global_rollout, s.local_mini_batch, s.micro_batch, s.optimizer_steps) == (32, 8, 2, 60)
     with pytest.raises(UserError, match=r"divisible by ppo.num_mini_batches \(3\)"):
-        ppo.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, num_mini_batches=3), 1)
+        ppo_cfg.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, num_mini_batches=3), 1)
     with pytest.raises(UserError, match=r"divisible by\s+ppo.gradient_accumulation_steps \(3\)"):
-        ppo.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, gradient_accumulation_steps=3), 1)
+        ppo_cfg.batch_sizes(ppo.PPOHyperparameters(per_device_rollout_batch_size=16, gradient_accumulation_steps=3), 1)
 
 
 def test_prompts_from_every_source(tmp_path):
@@ -191,15 +197,15 @@ def test_prompts_from_every_source(tmp_path):
             {"prompt": "plain text"}]
     (tmp_path / "m.jsonl").write_text(json.dumps(rows[0]) + "\n")
     (tmp_path / "p.jsonl").write_text(json.dumps(rows[1]) + "\n")
-    assert ppo.load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "m.jsonl"))) == [[{"role": "user", "content": "hi"}]]
-    assert ppo.load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "p.jsonl"))) == [
+    assert load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "m.jsonl"))) == [[{"role": "user", "content": "hi"}]]
+    assert load_prompts(ppo.PromptDataConfig(train=str(tmp_path / "p.jsonl"))) == [
         [{"role": "user", "content": "plain text"}]]
-    builtin = ppo.load_prompts(ppo.PromptDataConfig())
+    builtin = load_prompts(ppo.PromptDataConfig())
     assert len(builtin) > 100 and all(p[-1]["role"] == "user" for p in builtin)
 
 
 def test_hh_rlhf_prompts_usable_directly():
-    prompts = ppo.load_prompts(ppo.PromptDataConfig(train=str(real_file("hh_rlhf_helpful_base_test_first1000.jsonl"))))
+    prompts = load_prompts(ppo.PromptDataConfig(train=str(real_file("hh_rlhf_helpful_base_test_first1000.jsonl"))))
     assert len(prompts) > 500
     assert all(p[-1]["role"] == "user" for p in prompts)
     assert any(len(p) > 1 for p in prompts)  # multi-turn context kept
@@ -265,7 +271,7 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
         "--train.learning_rate", "3e-3"], "t"))
     cfg = ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir))  # critic_init: auto finds it fits
     PartialState()
-    tokenizer, ac, _ = ppo.build_models(cfg, True)
+    tokenizer, ac, _ = models.build_models(cfg, True)
     prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
     expected = load_reward(str(rm_dir)).score([prompt, prompt], ["5", "7"])
     for response, want in zip(["5", "7"], expected):
@@ -273,15 +279,15 @@ def test_critic_initialised_from_the_reward_model(tmp_path, sft_policy):
         ids = torch.tensor([ids["input_ids"] if hasattr(ids, "keys") else ids])
         mask = torch.ones_like(ids)
         with torch.no_grad():
-            values = ac.values(ids, mask, ppo.position_ids(mask))
+            values = ac.values(ids, mask, position_ids(mask))
         assert values[0, -1].item() == pytest.approx(want.item(), abs=1e-4)  # critic starts as the reward model
 
     # auto falls back to the policy where the reward model does not fit; `reward` insists
-    _, ac, _ = ppo.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full"),
+    _, ac, _ = models.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full"),
                                 True)
     assert not torch.equal(ac.value_head.summary.weight, tensor_of(rm_dir, "score.weight"))
     with pytest.raises(UserError, match="needs a fully fine-tuned reward model"):
-        ppo.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full",
+        models.build_models(ppo_config(tmp_path, sft_policy, "--reward.spec", str(rm_dir), "--peft.method", "full",
                                     "--ppo.critic_init", "reward"), True)
 
 
@@ -292,18 +298,18 @@ def test_rollout_logprobs_match_a_full_forward(tmp_path, sft_policy, method):
     from policies.models import load_causal_lm
 
     cfg = ppo_config(tmp_path, sft_policy, "--peft.method", method)
-    tok, ac, path = ppo.build_models(cfg, True)
+    tok, ac, path = models.build_models(cfg, True)
     ac.eval()
-    prompts = ppo.load_prompts(cfg.data)[:5]
-    q, qm = ppo.left_pad(ppo.encode_prompts(tok, prompts, 64), tok.pad_token_id)
+    prompts = load_prompts(cfg.data)[:5]
+    q, qm = left_pad(encode_prompts(tok, prompts, 64), tok.pad_token_id)
     torch.manual_seed(0)
     resp = torch.randint(3, len(tok), (5, 6))
     ids, mask = torch.cat([q, resp], 1), torch.cat([qm, torch.ones_like(resp)], 1)
-    pos = ppo.position_ids(mask)
+    pos = position_ids(mask)
     with torch.no_grad():
         for p in ac.value_head.parameters():  # not all-zero, so values are checked too
             p.add_(0.1)
-        lp, ref_lp, values, _ = ppo.forward_rollout(ac, ids, mask, pos, resp, q.shape[1], 0.7, chunk=2)
+        lp, ref_lp, values, _ = rollout.forward_rollout(ac, ids, mask, pos, resp, q.shape[1], 0.7, chunk=2)
         plain = load_causal_lm(path, cfg.model, "full").eval()
         full = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, q.shape[1] - 1:-1] / 0.7
         expected = torch.log_softmax(full.float(), -1).gather(-1, resp[..., None])[..., 0]

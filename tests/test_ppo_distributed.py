@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +70,51 @@ def test_world_size_mismatch_is_refused():
     check_world_size(2, 2)
     with pytest.raises(UserError, match=r"WORLD_SIZE=2 but accelerate sees 1 process\(es\)"):
         check_world_size(2, 1)
+
+
+EQUAL = ("objective/scores", "objective/scores_normalized", "objective/kl", "objective/non_score_reward",
+         "objective/rlhf_reward", "response/length", "response/eos_rate", "policy/advantages_mean",
+         "policy/advantages_std", "policy/entropy", "val/mean", "val/returns_mean", "val/explained_variance",
+         "policy/grad_norm", "val/grad_norm")
+
+
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
+def test_two_processes_equal_one(tmp_path, sft_policy):  # noqa: F811
+    """DDP on 2 CPU processes against 1 process at the same global batch (16 responses a step): each rank
+    rolls out its half of the step's prompts, the advantages are whitened and the reward normalised over
+    both halves, and the loss is a token mean over the global batch, so metrics and weights agree up to
+    float summation order. Two settings make the comparison exact rather than statistical: top_p 1e-6
+    keeps only the most likely token (a response is a function of its prompt, not of which process's
+    random stream drew it), and one mini-batch per epoch (with two, each process would shuffle its own
+    half into a different split than one process shuffles the whole). The update's loss statistics are
+    left out: each process logs the mean of its own micro-batches' token means, not the global one.
+    (Before this test, a CPU launch left accelerate at DistributedType.NO: no DDP, no gather.)"""
+    from safetensors.torch import load_file
+
+    args = ["--model.name_or_path", sft_policy, "--data.train", "builtin:quickstart_prompts", "--ppo.steps", "3",
+            "--ppo.max_new_tokens", "8", "--ppo.num_mini_batches", "1", "--ppo.learning_rate", "3e-3",
+            "--ppo.temperature", "1.0", "--ppo.top_p", "1e-6", "--reward.spec", "tests/rewards.py:digit_fraction",
+            "--sample_every", "0", "--save_steps", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = subprocess.run([sys.executable, "-m", "rlhf", "ppo", *args, "--ppo.per_device_rollout_batch_size", "16",
+                         "--output_dir", str(one)], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p1.returncode == 0, p1.stdout[-2000:] + p1.stderr[-4000:]
+    p2 = subprocess.run(["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                         "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "rlhf", "ppo", *args,
+                         "--ppo.per_device_rollout_batch_size", "8", "--output_dir", str(two)],
+                        env={**ENV, "ACCELERATE_USE_CPU": "true"}, cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-4000:]
+    assert "2 process(es), rollout 16/step" in p2.stdout and "1 process(es), rollout 16/step" in p1.stdout
+    h1, h2 = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [m["step"] for m in h1] == [m["step"] for m in h2] == [1, 2, 3]
+    for a, b in zip(h1, h2):
+        for k in EQUAL:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])
+    assert h1[-1]["objective/kl"] > 1e-3  # the policy moved: the runs compare real updates
+    for part in ("policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
+                 "critic/value_head.safetensors"):
+        w1, w2 = load_file(one / part), load_file(two / part)
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)

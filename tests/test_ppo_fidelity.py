@@ -14,8 +14,12 @@ from rewards import DigitReward
 from safetensors.torch import load_file
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
-from rlhf.ppo import core
-from rlhf.ppo import trainer as ppo
+from rlhf import ppo
+from rlhf.errors import UserError
+from rlhf.generation import hf_engine
+from rlhf.generation.prompts import encode_prompts, left_pad, load_prompts, position_ids
+from rlhf.generation.sampling import Sampling
+from rlhf.ppo import core, models, rollout
 from rlhf.runtime.distributed import set_cpu_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -36,7 +40,7 @@ def instruct_like_policy(sft_policy, tmp_path_factory):  # noqa: F811
 
 
 def _prompts(cfg, tok, n=8):
-    q, qm = ppo.left_pad(ppo.encode_prompts(tok, ppo.load_prompts(cfg.data)[:n], 64), tok.pad_token_id)
+    q, qm = left_pad(encode_prompts(tok, load_prompts(cfg.data)[:n], 64), tok.pad_token_id)
     return q, qm  # (B, P)
 
 
@@ -50,7 +54,7 @@ def _stacked_logprobs(out, prompt_len):
 def test_sampled_tokens_logprobs_equal_the_trainers(tmp_path, instruct_like_policy):
     T = 0.7
     cfg = ppo_config(tmp_path, instruct_like_policy, "--ppo.temperature", str(T))
-    tok, ac, _ = ppo.build_models(cfg, True)
+    tok, ac, _ = models.build_models(cfg, True)
     ac.eval()
     q, qm = _prompts(cfg, tok)
     gen = ac.generation_model()
@@ -59,12 +63,12 @@ def test_sampled_tokens_logprobs_equal_the_trainers(tmp_path, instruct_like_poli
     def trainer_logprobs(responses):
         responses, rmask = core.truncate_after_stop_token(responses, tok.eos_token_id, tok.pad_token_id)
         ids, mask = torch.cat([q, responses], 1), torch.cat([qm, rmask.long()], 1)
-        lp, _, _, _ = ppo.forward_rollout(ac, ids, mask, ppo.position_ids(mask), responses, q.shape[1], T, 8)
+        lp, _, _, _ = rollout.forward_rollout(ac, ids, mask, position_ids(mask), responses, q.shape[1], T, 8)
         return lp, rmask  # (B, A)
 
     torch.manual_seed(0)
-    ours, sampled = ppo.sample(gen, q, qm, ppo.sampling_config(T, 1.0, 12, tok.eos_token_id, tok.pad_token_id),
-                               with_logprobs=True)
+    ours, sampled = hf_engine.sample(gen, q, qm, hf_engine.generation_config(Sampling(T, 1.0, 12, tok.eos_token_id),
+                                                                              tok.pad_token_id), with_logprobs=True)
     lp, rmask = trainer_logprobs(ours)
     assert (lp - sampled)[rmask].abs().max() < 1e-4  # on-policy: the trainer scores what was sampled
 
@@ -82,12 +86,12 @@ def test_sampled_tokens_logprobs_equal_the_trainers(tmp_path, instruct_like_poli
 def test_config_attention_dropout_is_off_in_train_mode(tmp_path, instruct_like_policy):
     for method in ("lora", "full"):
         cfg = ppo_config(tmp_path, instruct_like_policy, "--peft.method", method)
-        tok, ac, _ = ppo.build_models(cfg, True)
+        tok, ac, _ = models.build_models(cfg, True)
         ac.train()
         q, qm = _prompts(cfg, tok, 4)
         with torch.no_grad():
-            first, v1 = ac(q, qm, ppo.position_ids(qm))
-            second, v2 = ac(q, qm, ppo.position_ids(qm))
+            first, v1 = ac(q, qm, position_ids(qm))
+            second, v2 = ac(q, qm, position_ids(qm))
         assert torch.equal(first, second) and torch.equal(v1, v2), method  # PPO's ratio starts at exactly 1
 
 
@@ -135,13 +139,13 @@ def test_critic_has_its_own_learning_rate_and_clip(tmp_path, sft_policy):  # noq
 
 def test_rollouts_are_trimmed_to_the_longest_response(tmp_path, sft_policy, monkeypatch):  # noqa: F811
     widths = []
-    real = ppo.forward_rollout
+    real = rollout.forward_rollout
 
     def spy(ac, ids, mask, pos, responses, *args, **kw):
         widths.append((responses.shape[1], int((mask[:, -responses.shape[1]:]).sum(-1).max())))
         return real(ac, ids, mask, pos, responses, *args, **kw)
 
-    monkeypatch.setattr(ppo, "forward_rollout", spy)
+    monkeypatch.setattr(rollout, "forward_rollout", spy)
     ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.max_new_tokens", "48", "--ppo.temperature", "0.7"),
              reward=DigitReward())
     assert widths and all(w == longest < 48 for w, longest in widths)  # the SFT policy answers in a few tokens
@@ -164,7 +168,7 @@ def test_reward_runs_once_per_batch_and_defaults_normalise_with_its_statistics(t
     assert reward.calls == 2  # one scoring pass per iteration; the stored statistics applied to it
     for m in h:  # reward_normalization: auto -> model
         assert m["objective/scores_normalized"] == pytest.approx((m["objective/scores"] - 0.25) / 0.5, abs=1e-5)
-    with pytest.raises(ppo.UserError, match="reward_normalization=model: the reward stores no"):
+    with pytest.raises(UserError, match="reward_normalization=model: the reward stores no"):
         ppo.main(ppo_config(tmp_path / "b", sft_policy, "--ppo.reward_normalization", "model"), reward=DigitReward())
 
 
@@ -239,7 +243,7 @@ def test_cpu_threads(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
         assert set_cpu_threads(None) == max(1, len(os.sched_getaffinity(0)) // 2) == torch.get_num_threads()
         assert set_cpu_threads(1) == 1 == torch.get_num_threads()
-        with pytest.raises(ppo.UserError, match="cpu_threads must be at least 1"):
+        with pytest.raises(UserError, match="cpu_threads must be at least 1"):
             set_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
@@ -247,8 +251,8 @@ def test_cpu_threads(monkeypatch):
 
 def test_logprobs_from_generation_skip_the_policy_pass(tmp_path, sft_policy, monkeypatch):  # noqa: F811
     passes = []
-    real = ppo.forward_rollout
-    monkeypatch.setattr(ppo, "forward_rollout", lambda *a, **kw: passes.append(kw["policy"]) or real(*a, **kw))
+    real = rollout.forward_rollout
+    monkeypatch.setattr(rollout, "forward_rollout", lambda *a, **kw: passes.append(kw["policy"]) or real(*a, **kw))
     h = ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.logprobs_from_generation", "true", "--ppo.temperature", "0.7"),
                  reward=DigitReward())
     assert passes == [False, False]

@@ -13,8 +13,7 @@ from rewards import DigitReward
 from safetensors.torch import load_file
 from test_ppo import sft_policy  # noqa: F401  (session fixture)
 
-from rlhf import config
-from rlhf.ppo import trainer as ppo
+from rlhf import config, ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 VOLATILE = ("time/", "tokens_per_second", "memory/")

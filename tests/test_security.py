@@ -8,28 +8,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import sft_config
+from conftest import RunsACommand, sft_config
 from rewards import DigitReward
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
+from rlhf import ppo
 from rlhf.errors import UserError
-from rlhf.ppo import trainer as ppo
+from rlhf.ppo import checkpoint, models
 from rlhf.runtime import checkpoints
 from rlhf.stages import sft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-class RunsACommand:
-    """Unpickling this runs `touch MARKER`, as a crafted checkpoint would run anything."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +29,7 @@ def ppo_run(sft_policy, tmp_path_factory):  # noqa: F811
 
 
 def test_ppo_checkpoint_is_json_safetensors_and_tensor_pickles(ppo_run):
-    ckpt = checkpoints.complete_checkpoints(ppo_run, ppo.STATE_FILE)[-1]
+    ckpt = checkpoints.complete_checkpoints(ppo_run, checkpoint.STATE_FILE)[-1]
     names = {p.name for p in ckpt.iterdir()}
     assert not any(n.endswith(".pkl") for n in names), names  # no pickled scheduler, no pickled RNG
     assert {"ppo_state.json", "rng_state_0.json", "rng_state_0.safetensors", "model.safetensors"} <= names
@@ -51,7 +40,7 @@ def test_ppo_checkpoint_is_json_safetensors_and_tensor_pickles(ppo_run):
 def test_crafted_checkpoint_is_refused_before_it_runs(tmp_path, sft_policy, ppo_run, name):  # noqa: F811
     out = tmp_path / "ppo"
     shutil.copytree(ppo_run, out)
-    ckpt = checkpoints.complete_checkpoints(out, ppo.STATE_FILE)[-1]
+    ckpt = checkpoints.complete_checkpoints(out, checkpoint.STATE_FILE)[-1]
     marker = tmp_path / "pwned"
     with open(ckpt / name, "wb") as f:
         pickle.dump({"state": RunsACommand(marker)}, f)
@@ -171,7 +160,7 @@ def test_adapter_loads_check_the_adapter_and_its_base(pickle_only_models, tmp_pa
                          ModelConfig(name_or_path=on_pickle_base, allow_pickle_weights=True))
     assert (tmp_path / "rm_base" / "model.safetensors").exists() and merged == str(tmp_path / "rm_base")
     with pytest.raises(ModelLoadError, match=r"lm' holds.*model.allow_pickle_weights"):
-        ppo._merged_policy_base(on_pickle_base, tmp_path / "policy_base", True, False)
+        models._merged_policy_base(on_pickle_base, tmp_path / "policy_base", True, False)
     assert not (tmp_path / "policy_base").exists()
     for adapter in (root / "adapter", on_pickle_base):
         with pytest.raises(ModelLoadError, match="pickles.*--allow_pickle_weights"):

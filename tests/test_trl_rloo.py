@@ -11,7 +11,7 @@ from rewards import digit_fraction
 from policies.config import ModelConfig
 from policies.models import materialize
 from rlhf.bench.trl_rloo import RLOOSettings, run_rloo
-from rlhf.ppo.trainer import encode_prompts
+from rlhf.generation.prompts import encode_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -5,14 +5,17 @@ import re
 import subprocess
 import sys
 
+from typing import Union
+
 import pytest
 from conftest import REPO
 
-from rlhf import cli, config
+from rlhf import cli, config, ppo
 from rlhf.config import EvalRewardConfig, RewardConfig, SFTConfig
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import EvalConfig
-from rlhf.ppo import trainer as ppo
+from rlhf.ppo import checkpoint
+from rlhf.ppo import config as ppo_cfg
 from rlhf.validate import validate
 
 SFT_YAML = str(REPO / "configs" / "sft_tiny.yaml")
@@ -143,6 +146,8 @@ EXEMPT = {
     list[str]: "free text, as str",
     dict[str, str]: "free text, as str (a column map)",
     dict[str, float]: "a mapping of numbers: every float in a mapping is checked finite",
+    dict[str, Union[bool, int, float, str]]: "an environment's keyword arguments (env.options): bound to the "
+                                             "class's signature when it loads, a mismatch is a one-line error",
 }
 
 
@@ -229,7 +234,7 @@ def test_ppo_checks_eval_temperature_and_tiny_lengths():
         config.parse(ppo.PPOConfig, ["--eval.temperature", "0"], "t")
     with pytest.raises(UserError, match=r"ppo.max_prompt_length \+ ppo.max_new_tokens \(1056\) exceeds "
                                         r"model.tiny.max_position_embeddings \(1024\)"):
-        ppo.check(config.parse(ppo.PPOConfig, ["--model.name_or_path", "tiny", "--ppo.max_prompt_length", "1024"], "t"))
+        ppo_cfg.check(config.parse(ppo.PPOConfig, ["--model.name_or_path", "tiny", "--ppo.max_prompt_length", "1024"], "t"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +300,7 @@ def test_reward_function_failing_mid_run_leaves_nothing_half_written(tmp_path):
         ppo.main(cfg)
     left = [p.name for p in out.iterdir()] if out.exists() else []
     assert not [n for n in left if n.endswith(".tmp") or n == "policy"]  # no half-written checkpoint or export
-    assert all((out / n / ppo.STATE_FILE).exists() for n in left if n.startswith("checkpoint-"))  # only complete ones
+    assert all((out / n / checkpoint.STATE_FILE).exists() for n in left if n.startswith("checkpoint-"))  # only complete ones
 
 
 def test_unknown_stop_token_refused_before_writing(tmp_path):

@@ -15,10 +15,10 @@ import torch
 from conftest import REPO
 from rewards import DigitReward
 
-from rlhf import config
+from rlhf import config, ppo
 from rlhf.generation import vllm_engine as rollout_engine
+from rlhf.generation.vllm_backend import VLLMBackend
 from rlhf.generation.vllm_engine import EngineError, Sampling, VLLMConfig, VLLMEngine
-from rlhf.ppo import trainer as ppo
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(rollout_engine.available() is None,
@@ -174,6 +174,26 @@ def test_ppo_with_vllm_matches_the_hf_engine_reward_trend(sft128, tmp_path, monk
     assert (tmp_path / "vllm" / "policy" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_episodes_with_vllm_stay_in_sync_over_agent_tokens(sft128, tmp_path, monkeypatch, estimator):
+    """Multi-turn episodes (the guessing game answers every reply) sampled by the vLLM engine, one request
+    per turn, with the LoRA policy synced as an adapter: rollout/logprob_diff, measured on the agent's
+    tokens only, stays at float noise after every update."""
+    monkeypatch.chdir(REPO)
+    extra = ["--ppo.advantage_estimator", "grpo", "--ppo.samples_per_prompt", "2"] if estimator == "grpo" else []
+    cfg = config.parse(ppo.PPOConfig, [
+        "--model.name_or_path", sft128, "--env.spec", "rlhf.envs.guess_number:GuessNumber", "--data.train",
+        "builtin:guess_train", "--output_dir", str(tmp_path / "o"), "--sample_every", "0", "--save_steps", "100",
+        "--ppo.per_device_rollout_batch_size", "8", "--ppo.num_mini_batches", "2", "--ppo.max_new_tokens", "6",
+        "--ppo.temperature", "1.0", "--ppo.steps", "3", "--ppo.learning_rate", "3e-3", "--ppo.critic_init", "policy",
+        "--env.max_total_tokens", "96", "--ppo.rollout_engine", "vllm", *extra], "t")
+    h = ppo.main(cfg)
+    assert max(m["rollout/logprob_diff"] for m in h) < 1e-4 and max(m["rollout/logprob_diff_max"] for m in h) < 1e-3
+    assert max(m["env/turns"] for m in h) > 1
+    if estimator == "gae":  # the policy moved (with grpo, groups that all fail the game leave it in place)
+        assert h[-1]["objective/kl"] != 0
+
+
 def test_full_fine_tuning_with_vllm_stays_in_sync(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = config.parse(ppo.PPOConfig, ppo_args(tmp_path / "o", "--peft.method", "full", "--ppo.steps", "4",
@@ -188,14 +208,14 @@ def test_stale_engine_stops_the_run(tmp_path, monkeypatch):
     """An engine that is never given the updates is caught by rollout/logprob_diff and the run stops."""
     monkeypatch.chdir(REPO)
     synced = []
-    real_sync = ppo.sync_engine
+    real_sync = VLLMBackend.update_weights
 
-    def sync_once(engine, model, accelerator, version, weights_file):
+    def sync_once(engine, version):
         if not synced:  # the initial weights only: every later update is withheld
             synced.append(version)
-            real_sync(engine, model, accelerator, version, weights_file)
+            real_sync(engine, version)
 
-    monkeypatch.setattr(ppo, "sync_engine", sync_once)
+    monkeypatch.setattr(VLLMBackend, "update_weights", sync_once)
     cfg = config.parse(ppo.PPOConfig, ppo_args(tmp_path / "o", "--ppo.steps", "6", "--ppo.learning_rate", "2e-2",
                                                "--ppo.rollout_engine", "vllm"), "t")
     with pytest.raises(EngineError, match=r"step [1-5]: the vLLM engine's sampled-token logprobs differ .* "

@@ -41,6 +41,10 @@ from rlhf.bench import align_math as bm
 from rlhf.config import NonNegative, Positive, PositiveInt, Unit, domain
 from rlhf.data import synthetic
 from rlhf.errors import UserError
+from rlhf.generation.engine import GenerationResult, decode
+from rlhf.generation.hf_engine import HFEngine
+from rlhf.generation.prompts import encode_prompts
+from rlhf.generation.sampling import Sampling
 
 ONLINE = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}  # method -> estimator
 GROUP = ("grpo", "rloo", "trl_rloo")  # sample group_size responses per prompt
@@ -153,24 +157,23 @@ class Evaluator:
     """Samples a policy on the held-out prompts; gold reward, proxy score, KL to the SFT policy."""
 
     def __init__(self, cfg: BenchAlignConfig, reference, prompts: list, proxy, seed: int):
-        self.sampling = sampling(cfg, 64)
+        self.cfg = cfg
         self.reference = reference  # the SFT policy
         self.prompts, self.proxy, self.seed = prompts, proxy, seed
 
     @torch.no_grad()
     def __call__(self, policy, tokenizer) -> dict:
-        from rlhf.evaluation.eval_policy import decode, sample, sequence_logprob
+        from rlhf.evaluation.eval_policy import sequence_logprob
 
         was_training = policy.training
         policy.eval()
-        texts, kl = [], []
-        with torch.random.fork_rng():  # a seeded evaluation must not reset the training run's sampling
-            batches = sample(policy, tokenizer, self.prompts, self.sampling, self.seed)
-        for ids, mask, responses, rmask in batches:
-            texts += decode(tokenizer, responses, rmask)
-            kl += (sequence_logprob(policy, ids, mask, responses, rmask, self.sampling.temperature)
-                   - sequence_logprob(self.reference, ids.cpu(), mask.cpu(), responses.cpu(), rmask.cpu(),
-                                      self.sampling.temperature).to(ids.device)).tolist()
+        kl = []
+        # seeded in a fork of the RNG: the evaluation does not reset the training run's sampling
+        gen = generate(policy, tokenizer, self.prompts, self.cfg, 64, self.seed)
+        texts = decode(tokenizer, gen)
+        for b in gen.chunks(64):  # (b, P), (b, A)
+            args = (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, self.cfg.temperature)
+            kl += (sequence_logprob(policy, *args) - sequence_logprob(self.reference, *args)).tolist()
         policy.train(was_training)
         gold = synthetic.gold_reward(self.prompts, texts)
         gold_mean, gold_se = bm.mean_and_se(gold)
@@ -198,17 +201,15 @@ def _train_prompts(cfg: BenchAlignConfig, seed: int) -> list[list[dict]]:
     return _prompts(cfg, max(cfg.rollout_batch * 20, 400), 60_000 + seed)
 
 
-def sampling(cfg: BenchAlignConfig, batch_size: int):
-    from rlhf.evaluation.eval_policy import EvalPolicyConfig
+def generate(model, tok, prompts: list, cfg: BenchAlignConfig, batch_size: int, seed: int) -> GenerationResult:
+    """`model`'s responses to `prompts` at the benchmark's sampling options, stopping at EOS."""
+    engine = HFEngine.for_model(model, tok.pad_token_id, batch_size=batch_size)
+    sampling = Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, tok.eos_token_id)
+    return engine.generate(encode_prompts(tok, prompts, 256), sampling, seed=seed)
 
-    return EvalPolicyConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=batch_size,
-                            max_prompt_length=256)
 
-
-def sample_texts(model, tok, prompts: list, sampling_cfg, seed: int) -> list[str]:
-    from rlhf.evaluation.eval_policy import decode, sample
-
-    return [t for _, _, r, m in sample(model, tok, prompts, sampling_cfg, seed) for t in decode(tok, r, m)]
+def sample_texts(model, tok, prompts: list, cfg: BenchAlignConfig, batch_size: int, seed: int) -> list[str]:
+    return decode(tok, generate(model, tok, prompts, cfg, batch_size, seed))
 
 
 def run_sft(cfg: BenchAlignConfig, out: Path, seed: int) -> str:
@@ -230,7 +231,7 @@ def label_pairs(cfg: BenchAlignConfig, sft, tok, out: Path, seed: int) -> dict:
     """Two samples per prompt from the SFT policy `sft`, gold-scored, labelled under Bradley–Terry
     noise; split into reward-model train / validation / test files."""
     prompts = _prompts(cfg, cfg.pair_prompts, 20_000 + seed)
-    replies = [sample_texts(sft, tok, prompts, sampling(cfg, 64), 30_000 + s) for s in (seed, seed + 1)]
+    replies = [sample_texts(sft, tok, prompts, cfg, 64, 30_000 + s) for s in (seed, seed + 1)]
     keep = [i for i, (a, b) in enumerate(zip(*replies)) if a.strip() != b.strip()]
     prompts = [prompts[i] for i in keep]
     a, b = [replies[0][i] for i in keep], [replies[1][i] for i in keep]
@@ -286,7 +287,7 @@ def best_of_n_curve(cfg: BenchAlignConfig, sft, tok, prompts: list, proxy, seed:
     """N = cfg.best_of_n samples per prompt from the SFT policy, then best-of-n for n = 1, 2, 4, ... N."""
     N = cfg.best_of_n
     repeated = [p for p in prompts for _ in range(N)]
-    texts = sample_texts(sft, tok, repeated, sampling(cfg, 128), 50_000 + seed)
+    texts = sample_texts(sft, tok, repeated, cfg, 128, 50_000 + seed)
     gold = torch.tensor(synthetic.gold_reward(repeated, texts)).reshape(len(prompts), N)
     score = proxy.score(repeated, texts, normalize=True).float().reshape(len(prompts), N)
     curve, n = [], 1
@@ -341,7 +342,7 @@ def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluato
                seed: int, prompts_file: Path) -> list[dict]:
     """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts
     (`prompts_file`), responses per iteration, LoRA, learning rate, epochs and KL coefficient for each."""
-    from rlhf.ppo import trainer as ppo
+    from rlhf import ppo
 
     evals = []
 

@@ -288,9 +288,9 @@ def run_ours_vllm(cfg: BenchSpeedConfig, m: dict, out: Path) -> dict:
 
 def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> dict:
     from policies.config import ModelConfig, PeftConfig
+    from rlhf import ppo
     from rlhf.data import synthetic
     from rlhf.generation.vllm_engine import VLLMConfig
-    from rlhf.ppo import trainer as ppo
 
     prompts = out / "data" / "prompts.jsonl"
     synthetic.write_jsonl([{"prompt": p} for p in as_messages(m["prompt_ids"])], prompts)

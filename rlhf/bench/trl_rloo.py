@@ -29,7 +29,7 @@ import torch
 
 from policies import models
 from policies.config import ModelConfig, PeftConfig
-from rlhf.ppo.trainer import peak_memory_gb
+from rlhf.ppo.metrics import peak_memory_gb
 
 
 @dataclass

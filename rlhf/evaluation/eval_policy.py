@@ -13,24 +13,28 @@ sample), printed and written as JSON and Markdown (and to W&B when tracking is o
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
-from rlhf.config import NonNegative, PositiveInt, Probability, Seed, TrackingConfig
+from rlhf.config import PositiveInt, Seed, TrackingConfig
 from rlhf.errors import UserError
+from rlhf.generation.engine import decode
+from rlhf.generation.hf_engine import HFEngine, default_device
+from rlhf.generation.prompts import encode_prompts, load_prompts, position_ids
+from rlhf.generation.sampling import SamplingOptions
 from rlhf.generation.vllm_engine import VLLMConfig
 from rlhf.ppo import core
-from rlhf.ppo.trainer import PromptDataConfig, RewardSpec, encode_prompts, left_pad, load_prompts, position_ids
+from rlhf.ppo.config import PromptDataConfig, RewardSpec
 from rlhf.runtime import tracking
 
 
 @dataclass
-class EvalPolicyConfig:
-    """Policy against reference, judged by a reward (`rlhf eval policy`)."""
+class EvalPolicyConfig(SamplingOptions):
+    """Policy against reference, judged by a reward (`rlhf eval policy`). The sampling options
+    (max_new_tokens, temperature, top_p, stop_token, max_prompt_length) are SamplingOptions'."""
 
     policy: str = "runs/quickstart/ppo/policy"
     """The policy: a model directory, a peft adapter directory, or a hub id."""
@@ -38,14 +42,6 @@ class EvalPolicyConfig:
     """The reference (usually the SFT model the policy started from)."""
     reward: RewardSpec = field(default_factory=RewardSpec)
     prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=64))
-    max_new_tokens: PositiveInt[int] = 64
-    """Longest response (a response that reaches it without EOS counts as truncated)."""
-    temperature: NonNegative[float] = 0.7
-    """Sampling temperature (0: greedy)."""
-    top_p: Probability[float] = 1.0
-    """Nucleus sampling."""
-    max_prompt_length: PositiveInt[int] = 256
-    """Prompts are cut to their last N tokens."""
     batch_size: PositiveInt[int] = 16
     """Prompts generated per batch."""
     seed: Seed[int] = 0
@@ -85,92 +81,26 @@ def load_lm(path: str, allow_pickle_weights: bool = False):
         raise ModelLoadError(f"'{path}' could not be loaded as a causal LM ({load_failure(e)})") from None
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts, cfg: EvalPolicyConfig, seed: int):
-    """[(query ids (B, P), query mask (B, P), responses (B, A), response mask (B, A))] for every
-    prompt, `cfg.batch_size` prompts at a time (cfg: anything with the sampling fields of EvalPolicyConfig).
-    `model` is a causal LM (transformers' generate, with a generation config built only from cfg: none of
-    the model's own penalties or top_k), or a `(VLLMEngine, None)` pair from `open_engine`."""
-    from rlhf.ppo.trainer import sample as hf_sample
-    from rlhf.ppo.trainer import sampling_config
+def open_engine(path: str, model, tokenizer, cfg: EvalPolicyConfig, seed: int):
+    """The engine that samples the model at `path` (`model`: it, loaded, for `engine: hf`)."""
+    if cfg.engine == "hf":
+        return HFEngine.for_model(model, tokenizer.pad_token_id, batch_size=cfg.batch_size)
+    from rlhf.generation import vllm_backend
 
-    torch.manual_seed(seed)
-    if isinstance(model, tuple):
-        return _sample_engine(model[0], tokenizer, prompts, cfg, seed)
-    out = []
-    device = next(model.parameters()).device
-    gen_config = sampling_config(cfg.temperature, cfg.top_p, cfg.max_new_tokens, tokenizer.eos_token_id,
-                                 tokenizer.pad_token_id)
-    for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = left_pad(encode_prompts(tokenizer, prompts[i:i + cfg.batch_size], cfg.max_prompt_length),
-                             tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        gen = hf_sample(model, ids, mask, gen_config)
-        responses, rmask = core.truncate_after_stop_token(gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        out.append((ids, mask, responses, rmask))
-    return out
-
-
-def _sample_engine(engine, tokenizer, prompts, cfg, seed: int):
-    """`sample` with a vLLM engine: every prompt in one request batch, returned in cfg.batch_size chunks."""
-    from rlhf.generation.vllm_engine import Sampling, pad_responses, request_seeds
-
-    encoded = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
-    tokens, _ = engine.generate(encoded, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                                  tokenizer.eos_token_id), request_seeds(seed, 0, 0, len(encoded)))
-    out = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = left_pad(encoded[i:i + cfg.batch_size], tokenizer.pad_token_id)
-        gen, _ = pad_responses(tokens[i:i + cfg.batch_size], [[] for _ in tokens[i:i + cfg.batch_size]],
-                               tokenizer.pad_token_id)
-        responses, rmask = core.truncate_after_stop_token(gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        out.append((ids, mask, responses, rmask))
-    return out
-
-
-@contextmanager
-def open_engine(path: str, cfg, seed: int):
-    """A vLLM engine serving `path` (a model directory or hub id; a peft LoRA adapter directory is served
-    as an adapter on its base), as `(engine, None)` for `sample`; stopped on exit."""
-    from policies.models import read_json
-    from rlhf.generation.vllm_engine import EngineError, VLLMEngine
-
-    adapter_cfg = Path(path) / "adapter_config.json"
-    lora, base = None, path
-    if adapter_cfg.exists():
-        info = read_json(adapter_cfg)
-        if info.get("peft_type") != "LORA":
-            raise EngineError(f"{path}: vLLM serves LoRA adapters only, not {info.get('peft_type')}; merge it first "
-                              "(rlhf merge) or use --engine hf")
-        lora, base = info.get("r", 16), info["base_model_name_or_path"]
-    dtype = cfg.vllm.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    engine = VLLMEngine(cfg.vllm, base, dtype=dtype, seed=seed, lora_rank=lora,
-                        max_model_len=cfg.vllm.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
-                        device=torch.device("cuda") if torch.cuda.is_available() else None,
-                        threads=torch.get_num_threads())
-    try:
-        if lora is not None:
-            engine.set_adapter(str(Path(path).resolve()), 0)
-        yield engine, None
-    finally:
-        engine.close()
-
-
-def decode(tokenizer, responses: torch.Tensor, rmask: torch.Tensor) -> list[str]:
-    """Texts of responses (B, A), without what follows the stop token and without special tokens."""
-    return tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id), skip_special_tokens=True)
+    return vllm_backend.serve(path, cfg.vllm, max_model_len=cfg.vllm.max_model_len or cfg.max_prompt_length
+                              + cfg.max_new_tokens, seed=seed, pad_id=tokenizer.pad_token_id)
 
 
 @torch.no_grad()
 def sequence_logprob(model, ids, mask, responses, rmask, temperature: float) -> torch.Tensor:
     """Sum of the response tokens' logprobs (B,), at the sampling temperature."""
-    full = torch.cat([ids, responses], 1)
-    attn = torch.cat([mask, rmask.long()], 1)
+    device = next(model.parameters()).device
+    full = torch.cat([ids, responses], 1).to(device)
+    attn = torch.cat([mask, rmask.long()], 1).to(device)
+    responses, rmask = responses.to(device), rmask.to(device)
     logits = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn)).logits
     logits = logits[:, ids.shape[1] - 1:-1] / (temperature if temperature > 0 else 1.0)
-    return (core.logprobs_from_logits(logits, responses) * rmask).sum(-1)
+    return (core.logprobs_from_logits(logits, responses) * rmask).sum(-1).cpu()
 
 
 def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
@@ -187,27 +117,30 @@ def evaluate(cfg: EvalPolicyConfig, reward=None) -> dict:
 
         reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                              batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
-    policy = load_lm(cfg.policy, cfg.allow_pickle_weights)
-    reference = load_lm(cfg.reference, cfg.allow_pickle_weights)
+    device = default_device()  # generation and the KL passes on the GPU when there is one
+    policy = load_lm(cfg.policy, cfg.allow_pickle_weights).to(device)
+    reference = load_lm(cfg.reference, cfg.allow_pickle_weights).to(device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=False)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"the tokenizer of '{cfg.policy}' needs a PAD token distinct from EOS")
+    sampling = cfg.sampling(tokenizer)
+    encoded = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
 
     rows, kl = {"policy": [], "reference": []}, []
     lengths, eos = {"policy": [], "reference": []}, {"policy": [], "reference": []}
     for name, model in (("policy", policy), ("reference", reference)):
-        if cfg.engine == "vllm":
-            with open_engine(getattr(cfg, name), cfg, cfg.seed) as engine:
-                batches = sample(engine, tokenizer, prompts, cfg, cfg.seed)
-        else:
-            batches = sample(model, tokenizer, prompts, cfg, cfg.seed)
-        for ids, mask, responses, rmask in batches:  # (B, P), (B, A)
-            rows[name] += decode(tokenizer, responses, rmask)
-            lengths[name] += rmask.sum(-1).tolist()
-            eos[name] += (responses == tokenizer.eos_token_id).any(-1).tolist()
-            if name == "policy":  # KL(policy || reference) on the policy's own samples
-                kl += (sequence_logprob(policy, ids, mask, responses, rmask, cfg.temperature)
-                       - sequence_logprob(reference, ids, mask, responses, rmask, cfg.temperature)).tolist()
+        engine = open_engine(getattr(cfg, name), model, tokenizer, cfg, cfg.seed)
+        try:
+            gen = engine.generate(encoded, sampling, seed=cfg.seed)  # the same seed for both models
+        finally:
+            engine.close()
+        rows[name] = decode(tokenizer, gen)
+        lengths[name] = gen.response_mask.sum(-1).tolist()
+        eos[name] = gen.stopped.tolist()
+        if name == "policy":  # KL(policy || reference) on the policy's own samples, batch by batch
+            for b in gen.chunks(cfg.batch_size):  # (b, P), (b, A)
+                args = (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, cfg.temperature)
+                kl += (sequence_logprob(policy, *args) - sequence_logprob(reference, *args)).tolist()
     from reward.interface import require_finite
 
     r_pol = require_finite(reward.score(prompts, rows["policy"]).float(), cfg.reward.spec)  # (N*K,)

@@ -17,36 +17,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 
-from rlhf.config import NonNegative, PositiveInt, Probability, Seed
+from rlhf.config import PositiveInt, Seed
 from rlhf.errors import UserError
-from rlhf.evaluation.eval_policy import decode, load_lm, open_engine, sample
+from rlhf.evaluation.eval_policy import load_lm, open_engine
+from rlhf.generation.engine import decode
+from rlhf.generation.hf_engine import default_device
+from rlhf.generation.prompts import encode_prompts, load_prompts
+from rlhf.generation.sampling import SamplingOptions
 from rlhf.generation.vllm_engine import VLLMConfig
-from rlhf.ppo.trainer import PromptDataConfig, RewardSpec, load_prompts
+from rlhf.ppo.config import PromptDataConfig, RewardSpec
 
 
 @dataclass
-class GenerateConfig:
-    """Sample a model on prompts and write the responses as JSONL (`rlhf generate`)."""
+class GenerateConfig(SamplingOptions):
+    """Sample a model on prompts and write the responses as JSONL (`rlhf generate`). The sampling options
+    (max_new_tokens, temperature, top_p, stop_token, max_prompt_length) are SamplingOptions'."""
 
     model: str = "runs/quickstart/sft"
     """A model directory, a peft adapter directory, a merged model, or a hub id."""
     prompts: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(max_samples=16))
     output: Optional[str] = None
     """JSONL file to write; default: MODEL/generations.jsonl (./generations.jsonl for a hub id)."""
-    max_new_tokens: PositiveInt[int] = 64
-    """Longest response."""
-    temperature: NonNegative[float] = 0.7
-    """Sampling temperature (0: greedy)."""
-    top_p: Probability[float] = 1.0
-    """Nucleus sampling."""
     samples_per_prompt: PositiveInt[int] = 1
     """Responses sampled per prompt."""
     batch_size: PositiveInt[int] = 16
     """Sequences generated per batch."""
-    max_prompt_length: PositiveInt[int] = 256
-    """Prompts are cut to their last N tokens."""
     seed: Seed[int] = 0
     """Sampling seed."""
     reward: RewardSpec = field(default_factory=lambda: RewardSpec(spec=""))
@@ -94,7 +90,7 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
         reward = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                              batch_size=cfg.reward.batch_size, allow_pickle_weights=cfg.allow_pickle_weights)
     if cfg.engine == "hf":
-        model = load_lm(cfg.model, cfg.allow_pickle_weights).to("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_lm(cfg.model, cfg.allow_pickle_weights).to(default_device())
     else:  # the engine loads the weights itself (safetensors only, as here)
         from policies.models import refuse_pickle_weights_with_base
 
@@ -103,18 +99,15 @@ def generate(cfg: GenerateConfig, reward=None) -> list[dict]:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"--model: the tokenizer of '{cfg.model}' needs a PAD token distinct from EOS")
 
+    sampling = cfg.sampling(tokenizer)
     k = cfg.samples_per_prompt
     repeated = [p for p in prompts for _ in range(k)]  # N*K, each prompt's samples consecutive
-    texts, lengths, eos = [], [], []
-    if cfg.engine == "vllm":
-        with open_engine(cfg.model, cfg, cfg.seed) as engine:
-            batches = sample(engine, tokenizer, repeated, cfg, cfg.seed)
-    else:
-        batches = sample(model, tokenizer, repeated, cfg, cfg.seed)
-    for _, _, responses, rmask in batches:  # (B, A) each
-        texts += decode(tokenizer, responses, rmask)
-        lengths += rmask.sum(-1).tolist()
-        eos += (responses == tokenizer.eos_token_id).any(-1).tolist()
+    engine = open_engine(cfg.model, model if cfg.engine == "hf" else None, tokenizer, cfg, cfg.seed)
+    try:
+        gen = engine.generate(encode_prompts(tokenizer, repeated, cfg.max_prompt_length), sampling, seed=cfg.seed)
+    finally:
+        engine.close()
+    texts, lengths, eos = decode(tokenizer, gen), gen.response_mask.sum(-1).tolist(), gen.stopped.tolist()
     rows = [{"prompt": p, "response": t, "sample": i % k, "length": n, "eos": e}
             for i, (p, t, n, e) in enumerate(zip(repeated, texts, lengths, eos))]
     if reward is not None:
@@ -148,7 +141,9 @@ def main(cfg: GenerateConfig, reward=None) -> list[dict]:
     summary = (f"{n} responses ({n // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt}): "
                f"mean length {sum(r['length'] for r in rows) / n:.1f} tokens, "
                f"EOS rate {sum(r['eos'] for r in rows) / n:.2f}")
-    if "reward" in rows[0]:
-        summary += f", mean reward {sum(r['reward'] for r in rows) / n:.4f}"
+    scored = [r["reward"] for r in rows if r.get("reward") is not None]  # null: the reward gave no number
+    if scored:
+        summary += f", mean reward {sum(scored) / len(scored):.4f}" + (
+            f" over the {len(scored)} scored" if len(scored) < n else "")
     print(f"{summary}\nwritten: {out}")
     return rows

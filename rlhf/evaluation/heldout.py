@@ -14,6 +14,12 @@ reward (the proxy PPO optimises). Logged as `eval/...` next to the training metr
                                    the same way (the proxy's AUC for a 0/1 judge; 0.5 = no signal)
   eval/hacking                     1 when the proxy rose while the held-out reward fell (below)
 
+With an environment (`env.spec` of PPO), `eval.prompts` are data rows and each evaluation runs one
+episode per row (the same episode seeds every time): `eval/reward` is the success rate (the
+environment's `info["success"]`, the true objective), `eval/proxy` the mean return (what PPO
+optimises), with eval/success, eval/return, eval/turns, eval/tool_calls, eval/tokens, eval/truncated,
+and eval/kl summed over the agent's tokens only.
+
 A rising proxy with a falling held-out reward is reward hacking (Gao et al. 2022, "Scaling laws for
 reward model overoptimization"): a warning says so on the console, and `eval/hacking` records it.
 Sampling is seeded by the step inside a forked RNG, so evaluating never changes the training run
@@ -24,14 +30,17 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from rlhf.config import EvalRewardSpec, HeldOutConfig, PositiveInt  # noqa: F401  (EvalRewardSpec: its old home)
 from rlhf.errors import UserError
-from rlhf.ppo import core
+from rlhf.generation.engine import Engine, decode
+from rlhf.generation.prompts import encode_prompts, load_prompts
+from rlhf.generation.sampling import Sampling
 
 
 @dataclass
@@ -65,22 +74,40 @@ def agreement(proxy: list[float], judge: list[float]) -> float:
 
 
 class HeldOutEval:
-    """Scores the policy on held-out prompts; `__call__` returns the `eval/...` metrics (same on every rank)."""
+    """Scores the policy on held-out prompts; `__call__` returns the `eval/...` metrics (same on every rank).
+    It samples through the run's engine with the run's sampling options (`eval.temperature` replacing the
+    temperature); the caller's `logprobs(result, temperature)` gives the policy's and the reference's
+    logprobs ((B, A) each) of a GenerationResult's responses, for the KL."""
 
-    def __init__(self, cfg: EvalConfig, training_reward, temperature: float, max_new_tokens: int,
-                 max_prompt_length: int, accelerator, out_dir: Path):
-        from rlhf.ppo.trainer import PromptDataConfig, load_prompts
+    def __init__(self, cfg: EvalConfig, training_reward, sampling: Sampling, max_prompt_length: int, tokenizer,
+                 accelerator, out_dir: Path, env=None):
+        from rlhf.ppo.config import PromptDataConfig  # the prompt source's fields, as data.train's
 
         for name in ("every", "max_prompts", "samples_per_prompt", "hacking_window"):
             if getattr(cfg, name) < 1:
                 raise UserError(f"eval.{name} expects a positive integer, got {getattr(cfg, name)}")
         if cfg.temperature is not None and cfg.temperature <= 0:
             raise UserError("eval.temperature must be > 0 (greedy answers are scored with eval.greedy)")
-        self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
+        self.cfg, self.accelerator, self.out_dir, self.tokenizer = cfg, accelerator, out_dir, tokenizer
+        self.sampling = replace(sampling, temperature=cfg.temperature or sampling.temperature)
+        self.history: dict[str, list[float]] = {"proxy": [], "reward": [], "stderr": []}
+        self.env = env  # an EnvConfig: episodes on held-out data rows
+        if env is not None:
+            from rlhf.envs.episodes import load_rows
+            from rlhf.envs.interface import load_environment_class, make_environment
+
+            rows = load_rows(cfg.prompts, max_samples=cfg.max_prompts)
+            mine = rows[accelerator.process_index::accelerator.num_processes]
+            self.prompts = [r for r in mine for _ in range(cfg.samples_per_prompt)]
+            self.n_prompts = len(rows)
+            cls = load_environment_class(env.spec)
+            self.envs = [make_environment(cls, env) for _ in self.prompts]
+            return
         prompts = load_prompts(PromptDataConfig(train=cfg.prompts, format=cfg.format, max_samples=cfg.max_prompts))
         # this rank's share; every prompt sampled samples_per_prompt times in a row
         mine = prompts[accelerator.process_index::accelerator.num_processes]
         self.prompts = [p for p in mine for _ in range(cfg.samples_per_prompt)]
+        self.encoded = encode_prompts(tokenizer, self.prompts, max_prompt_length)
         self.n_prompts = len(prompts)
         self.proxy = training_reward
         if cfg.reward.spec is None:
@@ -93,61 +120,32 @@ class HeldOutEval:
 
             self.judge = load_reward(cfg.reward.spec, kind=cfg.reward.kind, label=cfg.reward.label,
                                      batch_size=cfg.reward.batch_size, device=accelerator.device)
-        self.temperature = cfg.temperature or temperature
-        self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
-        self.history: dict[str, list[float]] = {"proxy": [], "reward": [], "stderr": []}
 
     def due(self, step: int, last_step: int) -> bool:
         return step == 0 or step % self.cfg.every == 0 or step == last_step
 
     @torch.no_grad()
-    def __call__(self, step: int, model, tokenizer, stop_id: int, seed: int) -> dict[str, float]:
+    def __call__(self, step: int, engine: Engine, logprobs: Callable, seed: int) -> dict[str, float]:
         from accelerate.utils import gather_object
 
-        from rlhf.ppo.trainer import (
-            _generation_context,
-            encode_prompts,
-            forward_rollout,
-            left_pad,
-            position_ids,
-            sample,
-            sampling_config,
-        )
-
-        acc, device = self.accelerator, self.accelerator.device
-        ids, mask = left_pad(encode_prompts(tokenizer, self.prompts, self.max_prompt_length), tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)  # (B, P)
+        acc = self.accelerator
         metrics, rows = {}, []
-        modes = [("", self.temperature)] + ([("greedy/", 0.0)] if self.cfg.greedy else [])
-        for prefix, temperature in modes:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed * 7919 + step)
-                with _generation_context(model, acc) as gen_model, acc.autocast():
-                    out = sample(gen_model.generation_model(), ids, mask,
-                                 sampling_config(temperature, 1.0, self.max_new_tokens, stop_id, tokenizer.pad_token_id))
-            responses, rmask = core.truncate_after_stop_token(out, stop_id, tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(responses.masked_fill(~rmask, tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
-            judge = self.judge.score(self.prompts, texts).float().tolist()
-            proxy = self.proxy.score(self.prompts, texts).float().tolist() if self.judge is not self.proxy else judge
-            local = {"reward": judge, "proxy": proxy, "length": rmask.sum(-1).tolist(),
-                     "eos_rate": (responses == stop_id).any(-1).float().tolist()}
-            if not prefix:  # KL to the reference on the sampled answers (A = responses.shape[1])
-                full, fmask = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
-                lp, ref_lp, _, _ = forward_rollout(model, full, fmask, position_ids(fmask), responses, ids.shape[1],
-                                                temperature, len(full))
-                local["kl"] = ((lp - ref_lp) * rmask).sum(-1).tolist()
+        greedy = replace(self.sampling, temperature=0.0)
+        modes = [("", self.sampling)] + ([("greedy/", greedy)] if self.cfg.greedy else [])
+        for prefix, sampling in modes:
+            play = self.episodes if self.env is not None else self.responses
+            local, new_rows = play(engine, sampling, logprobs, seed, step, prefix)
             values = {k: gather_object(v) for k, v in local.items()}
             n = len(values["reward"])
             for k, v in values.items():
                 metrics[f"eval/{prefix}{k}"] = sum(v) / n
-            auc = agreement(values["proxy"], values["reward"]) if self.judge is not self.proxy else float("nan")
+            judged_apart = self.env is None and self.judge is not self.proxy
+            auc = agreement(values["proxy"], values["reward"]) if judged_apart else float("nan")
             if auc == auc:  # NaN when the judge scored every answer alike: nothing to order
                 metrics[f"eval/{prefix}proxy_agreement"] = auc
             r = torch.tensor(values["reward"], dtype=torch.float64)
             metrics[f"eval/{prefix}reward_stderr"] = (r.std() / n ** 0.5).item() if n > 1 else 0.0
-            rows += [{"step": step, "mode": prefix.rstrip("/") or "sampled", "prompt": p, "response": t,
-                      "reward": j, "proxy": x} for p, t, j, x in zip(self.prompts, texts, judge, proxy)]
+            rows += new_rows
         rows = gather_object(rows)
         h = self.history
         h["proxy"].append(metrics["eval/proxy"])
@@ -168,6 +166,47 @@ class HeldOutEval:
                               f"{h['reward'][-self.cfg.hacking_window]:.4f} -> {h['reward'][-1]:.4f}; "
                               "raise ppo.kl_coef, stop earlier, or improve the reward model")
         return metrics
+
+    def responses(self, engine: Engine, sampling: Sampling, logprobs: Callable, seed: int, step: int, prefix: str):
+        """One answer per held-out prompt, scored by the judge and the proxy: (per-answer values by metric
+        name, rows for eval_samples.jsonl)."""
+        gen = engine.generate(self.encoded, sampling, seed=seed * 7919 + step)  # the same draw on a resume
+        rmask = gen.response_mask  # (B, A)
+        texts = decode(self.tokenizer, gen)
+        judge = self.judge.score(self.prompts, texts).float().tolist()
+        proxy = self.proxy.score(self.prompts, texts).float().tolist() if self.judge is not self.proxy else judge
+        local = {"reward": judge, "proxy": proxy, "length": rmask.sum(-1).tolist(),
+                 "eos_rate": gen.stopped.float().tolist()}
+        if not prefix:  # KL to the reference on the sampled answers (sum over tokens, k1)
+            lp, ref_lp = logprobs(gen, sampling.temperature)
+            local["kl"] = ((lp - ref_lp) * rmask).sum(-1).tolist()
+        rows = [{"step": step, "mode": prefix.rstrip("/") or "sampled", "prompt": p, "response": t,
+                 "reward": j, "proxy": x} for p, t, j, x in zip(self.prompts, texts, judge, proxy)]
+        return local, rows
+
+    def episodes(self, engine: Engine, sampling: Sampling, logprobs: Callable, seed: int, step: int, prefix: str):
+        """One episode per held-out row (episode seeds fixed by the run's seed, turns drawn from a seed of
+        the step): (per-episode values by metric name, transcript rows for eval_samples.jsonl)."""
+        from rlhf.envs.episodes import EngineSampler, first_messages, run_episodes, split_at_prompt, transcript_text
+        from rlhf.generation.engine import GenerationResult
+
+        sampler = EngineSampler(engine, sampling, seed=(seed * 7919 + step) * 1000)  # the same draw on a resume
+        ep = run_episodes(self.envs, self.prompts, self.tokenizer, sampler, self.env, seed)
+        local = {"reward": ep.success.float().tolist(), "proxy": ep.returns.tolist(),
+                 "success": ep.success.float().tolist(), "return": ep.returns.tolist(),
+                 "turns": ep.turns.float().tolist(), "tool_calls": ep.tool_calls.float().tolist(),
+                 "tokens": ep.tokens.float().tolist(), "truncated": ep.truncated.float().tolist()}
+        if not prefix:  # KL to the reference over the agent's tokens (sum, k1)
+            lay = split_at_prompt(ep, self.tokenizer.pad_token_id)
+            dev = self.accelerator.device
+            gen = GenerationResult(lay.query_ids.to(dev), lay.query_mask.to(dev), lay.responses.to(dev),
+                                   lay.response_mask.to(dev), ~ep.truncated.to(dev))
+            lp, ref_lp = logprobs(gen, sampling.temperature)
+            local["kl"] = ((lp - ref_lp) * lay.action_mask.to(dev)).sum(-1).tolist()
+        rows = [{"step": step, "mode": prefix.rstrip("/") or "sampled", "row": row, "prompt": first_messages(t),
+                 "response": transcript_text(t), "reward": float(ok), "proxy": float(ret), "transcript": t}
+                for row, t, ok, ret in zip(self.prompts, ep.transcripts, ep.success, ep.returns)]
+        return local, rows
 
     def restore(self, history: list[dict]) -> None:
         """Refill the hacking window from a resumed run's metrics."""

@@ -60,6 +60,7 @@ import torch
 
 from rlhf.config import Positive, PositiveInt, Probability, Seed
 from rlhf.errors import UserError
+from rlhf.generation.sampling import Sampling
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,19 +137,10 @@ def available() -> Optional[str]:
         return None
 
 
-@dataclass
-class Sampling:
-    """What both engines mean by the sampling options: temperature and top_p as in `ppo.*`, no top_k, no
-    penalties; responses stop after `stop_id` (included) or run to `max_new_tokens`."""
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    stop_id: Optional[int]
-
-    def as_json(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_new_tokens,
-                "stop_token_ids": [] if self.stop_id is None else [int(self.stop_id)]}
+def sampling_params(sampling: Sampling) -> dict:
+    """vLLM's SamplingParams for `sampling` (rlhf/generation/sampling.py): no top_k, no penalties."""
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens,
+            "stop_token_ids": [] if sampling.stop_id is None else [int(sampling.stop_id)]}
 
 
 class VLLMEngine:
@@ -374,7 +366,7 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]):
         """Token lists and their logprobs (at the sampling temperature), one per prompt."""
-        reply = self._call({"op": "generate", "prompts": prompts, "params": sampling.as_json(),
+        reply = self._call({"op": "generate", "prompts": prompts, "params": sampling_params(sampling),
                             "seeds": [int(s) for s in seeds], "lora": self.lora}, what="generate")
         return reply["tokens"], reply["logprobs"]
 

@@ -23,6 +23,7 @@ from rlhf.config import (
     Unit,
     WarmupSteps,
 )
+from rlhf.envs.config import EnvConfig
 from rlhf.errors import UserError
 from rlhf.evaluation.heldout import EvalConfig
 from rlhf.generation.vllm_engine import VLLMConfig
@@ -188,6 +189,10 @@ class PPOConfig:
     reward: RewardSpec = field(default_factory=RewardSpec)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: PPOHyperparameters = field(default_factory=PPOHyperparameters)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """A multi-turn environment to act in (`env.spec` set): each rollout runs episodes from the rows of
+    data.train (`reset(row, seed)`), ppo.max_new_tokens per agent turn, and the environment's rewards are
+    the reward (reward.spec is not read). Empty spec: single-turn PPO on prompts, scored by reward.spec."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """The vLLM engine, read when ppo.rollout_engine is `vllm`."""
@@ -255,9 +260,14 @@ def check(cfg: PPOConfig) -> None:
     from rlhf.validate import fits_tiny, validate
 
     validate(cfg)
-    fits_tiny(cfg.model, cfg.ppo.max_prompt_length + cfg.ppo.max_new_tokens,
-              "ppo.max_prompt_length + ppo.max_new_tokens")
     p = cfg.ppo
+    if cfg.env.spec:  # a turn is sampled after at most max_total_tokens - 1 tokens of episode
+        fits_tiny(cfg.model, cfg.env.max_total_tokens + p.max_new_tokens, "env.max_total_tokens + ppo.max_new_tokens")
+        if p.stop_token != "eos":
+            raise UserError(f"ppo.stop_token={p.stop_token}: with an env, an agent turn ends at the tokenizer's EOS "
+                            "(the chat template's end of turn); use `eos`")
+    else:
+        fits_tiny(cfg.model, p.max_prompt_length + p.max_new_tokens, "ppo.max_prompt_length + ppo.max_new_tokens")
     if cfg.peft.method not in ("lora", "qlora", "full"):
         raise UserError(f"peft.method={cfg.peft.method} is not supported by PPO; expected lora, qlora or full")
     if p.advantage_estimator in ("rloo", "grpo") and p.samples_per_prompt < 2:
@@ -273,10 +283,3 @@ def check(cfg: PPOConfig) -> None:
         raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
 
-
-def check_stop_token(stop_token: str | None, vocab: dict[str, int]) -> None:
-    """ppo.stop_token is `eos`, None, or a token of the policy's vocabulary (an unknown one would map to
-    no token: responses would never stop, and the EOS rate would read 1.0)."""
-    if stop_token not in (None, "eos") and stop_token not in vocab:
-        raise UserError(f"ppo.stop_token '{stop_token}' is not a token of the tokenizer's vocabulary; use `eos`, "
-                        "null (run to max_new_tokens), or one token as the tokenizer spells it")

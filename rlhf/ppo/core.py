@@ -294,6 +294,17 @@ def returns_to_go(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: flo
     return out
 
 
+def sequence_returns(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,): the undiscounted sum of the rewards on the action tokens (a response's, or an episode's
+    agent tokens across turns): the sequence reward that GRPO's and RLOO's group baselines compare."""
+    return torch.where(action_mask.bool(), rewards, 0).sum(dim=1)
+
+
+def spread(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sequence advantages -> (B, T): each on every action token of its sequence, 0 elsewhere (GRPO, RLOO)."""
+    return torch.where(action_mask.bool(), advantages.unsqueeze(1), 0).to(advantages.dtype)
+
+
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) -> (B / k, k): the k responses to one prompt are consecutive rows (see `ppo.samples_per_prompt`)."""
     if rewards.dim() != 1:

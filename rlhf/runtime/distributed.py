@@ -18,8 +18,13 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     Without CUDA, the process group must be created with gloo before the Accelerator, else DeepSpeed
     runs world size 2 inside while accelerate believes it is alone (../shared/docs/environment.md).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"):
+        # DDP on CPUs: accelerate must know it is MULTI_CPU (gloo), or it neither wraps the model in DDP
+        # (no gradient all-reduce: each process trains alone) nor gathers (every metric is rank 0's)
+        PartialState(cpu=True)
     world = _cpu_process_group()
     set_cpu_threads(cpu_threads)
     if mixed_precision is None:

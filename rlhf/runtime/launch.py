@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,7 @@ PRESETS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_o
 LAUNCH_OPTIONS = ("--accelerate", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
                   "--main_process_port")
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set in the children: they run the stage, they do not relaunch
+ERROR_DIR_ENV = "RLHF_ERROR_DIR"  # the children's one-line errors, printed by the parent in place of a traceback
 
 
 def preset_path(name: str) -> Path:
@@ -87,4 +89,35 @@ def relaunch(stage: str, argv: list[str]) -> int | None:
         return None
     cmd, env = command(stage, launch, rest)
     print("rlhf: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd, env={**os.environ, **env}).returncode
+    with tempfile.TemporaryDirectory(prefix="rlhf-errors-") as errors:
+        code = _run_quiet_after_error(cmd, {**os.environ, **env, ERROR_DIR_ENV: errors}, Path(errors))
+        lines = sorted({f.read_text() for f in Path(errors).iterdir()})  # every rank may report the same one
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+    return code
+
+
+def report_error(line: str) -> bool:
+    """In a process that `relaunch` started: leave the one-line error for the parent to print (True)."""
+    errors = os.environ.get(ERROR_DIR_ENV)
+    if not errors or not Path(errors).is_dir():
+        return False
+    tmp = Path(errors) / f".rank{os.environ.get('RANK', '0')}"
+    tmp.write_text(line)
+    os.replace(tmp, tmp.with_name(tmp.name[1:]))  # whole when the parent sees it
+    return True
+
+
+def _run_quiet_after_error(cmd: list[str], env: dict[str, str], errors: Path) -> int:
+    """Run the launcher, passing its stderr on as it comes until a child has reported a UserError: what
+    follows is torch elastic's ChildFailedError traceback for that exit code 2, which the user must not see."""
+    import codecs
+
+    decode = codecs.getincrementaldecoder("utf-8")("replace")  # a chunk may end inside a character
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as proc:  # waits for it on the way out
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            if not any(f.name.startswith("rank") for f in errors.iterdir()):
+                sys.stderr.write(decode.decode(chunk))
+                sys.stderr.flush()
+    return proc.returncode

@@ -1,5 +1,5 @@
 """Progress bars that suit where they are shown: the one place our bars are made (PPO's loop, and the
-transformers Trainer's through `rlhf.runtime.hf_trainer`).
+transformers Trainer's through `rlhf.stages.hf_trainer`).
 
 - On a terminal: tqdm's bar, drawn from the first finished step on (an error in the first step is then the
   only line on the screen), and taken off the screen when its loop stops unfinished or before an error

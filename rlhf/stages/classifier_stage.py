@@ -182,8 +182,6 @@ def build(cfg: ClassifierConfig):
     Returns (trainer, splits (text + labels), label names, multi_label)."""
     import transformers
 
-    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
-
     check(cfg)
     out = hf_trainer.setup(cfg)
     splits, names, multi_label = load_classifier_data(cfg.data, cfg.seed)
@@ -213,7 +211,7 @@ def build(cfg: ClassifierConfig):
         eval_dataset=val_rows, processing_class=tokenizer,
         data_collator=transformers.DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics_fn(names, multi_label, t.threshold), callbacks=hf_trainer.callbacks(cfg))
-    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
+    hf_trainer.attach(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     hf_trainer.report_trainable(trainer, cfg)
     return trainer, splits, names, multi_label
 
@@ -281,7 +279,7 @@ def _run(cfg: ClassifierConfig) -> dict:
     trainer, splits, names, multi_label = build(cfg)
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics.update(labels=names, multi_label=multi_label)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = hf_trainer.train(trainer, resume_from)  # tensors only are read from the checkpoint
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
     metrics["best_checkpoint"] = trainer.state.best_model_checkpoint

@@ -151,8 +151,6 @@ def build(cfg: DPOConfig):
     import trl
 
     from reward.models import ensure_chat_template
-    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
-
     check(cfg)
     out = hf_trainer.setup(cfg)
     train_pairs, val_pairs, _ = load_preference_data(cfg.data, cfg.seed)  # bad data fails before any writing
@@ -169,7 +167,7 @@ def build(cfg: DPOConfig):
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=trl_args(cfg, val_rows is not None),
                              train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
                              peft_config=models.peft_config(cfg.peft, "CAUSAL_LM"), callbacks=hf_trainer.callbacks(cfg))
-    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
+    hf_trainer.attach(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     report_dropped(len(train_rows), trainer.train_dataset, cfg.train.max_length, "training")
     if val_rows is not None:
         report_dropped(len(val_rows), trainer.eval_dataset, cfg.train.max_length, "validation")
@@ -220,7 +218,7 @@ def _run(cfg: DPOConfig) -> dict:
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics["train_pairs"] = len(trainer.train_dataset)
     has_eval = trainer.eval_dataset is not None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = hf_trainer.train(trainer, resume_from)  # tensors only are read from the checkpoint
     history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's
     start = next((h for h in history if "eval_loss" in h and h.get("step") == 0), None)
     if start is not None:  # eval_on_start: policy == reference, so every implicit reward is 0 (accuracy 0, margin 0)

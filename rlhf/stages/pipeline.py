@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from rlhf import config
 from rlhf.config import DPOConfig, RewardConfig, Seed, SFTConfig, domain
 from rlhf.errors import UserError
-from rlhf.ppo.trainer import PPOConfig
+from rlhf.ppo.config import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 Stages = domain(lambda v: all(s in STAGES for s in v), f"some of {', '.join(STAGES)}")
@@ -91,9 +91,11 @@ def check_inputs(cfg: PipelineConfig) -> None:
     vocabulary of the tokenizer the SFT stage passes on)."""
     from policies import models
     from reward.interface import is_function_spec, load_function
-    from rlhf.ppo import trainer as ppo
+    from rlhf.generation.prompts import load_prompts
+    from rlhf.generation.sampling import check_stop_token
+    from rlhf.ppo.config import PromptDataConfig, batch_sizes
 
-    sizes = ppo.batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
+    sizes = batch_sizes(cfg.ppo.ppo, int(os.environ.get("WORLD_SIZE", "1")))
     sources = []
     if "sft" in cfg.stages:
         sources += [("sft.data.train", cfg.sft.data.train), ("sft.data.validation", cfg.sft.data.validation)]
@@ -111,7 +113,12 @@ def check_inputs(cfg: PipelineConfig) -> None:
         e = getattr(cfg, stage).eval
         if stage not in cfg.stages or e.prompts is None:
             continue
-        ppo.load_prompts(ppo.PromptDataConfig(train=e.prompts, format=e.format))
+        if stage == "ppo" and cfg.ppo.env.spec:  # held-out episode rows; the environment judges
+            from rlhf.envs.episodes import load_rows
+
+            load_rows(e.prompts, max_samples=e.max_prompts)
+            continue
+        load_prompts(PromptDataConfig(train=e.prompts, format=e.format))
         judge = e.reward.spec
         if judge is not None and (e.reward.kind == "function" or is_function_spec(judge)):
             load_function(judge)  # its file or module imports, the function exists and takes (prompts, responses)
@@ -119,7 +126,15 @@ def check_inputs(cfg: PipelineConfig) -> None:
             raise UserError(f"{stage}.eval.reward.spec: {judge} does not exist{models.creating_command(judge)}")
     if "ppo" not in cfg.stages:
         return
-    prompts = ppo.load_prompts(cfg.ppo.data)
+    if cfg.ppo.env.spec:
+        from rlhf.envs.episodes import load_rows
+        from rlhf.envs.interface import load_environment_class
+
+        load_environment_class(cfg.ppo.env.spec)
+        d = cfg.ppo.data
+        prompts = load_rows(d.train, d.split, d.column_map, d.max_samples)
+    else:
+        prompts = load_prompts(cfg.ppo.data)
     if len(prompts) < sizes.global_prompts:
         raise UserError(f"ppo.data.train: {len(prompts)} prompts, fewer than one rollout batch needs "
                         f"({sizes.global_prompts})")
@@ -133,7 +148,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         else:  # the base SFT starts from, or the SFT output already there; SFT keeps its vocabulary
             name = source.name_or_path if source is not None else cfg.sft.output_dir
             vocab = models.load_tokenizer(name, source or cfg.ppo.model).get_vocab()
-        ppo.check_stop_token(stop, vocab)
+        check_stop_token(stop, vocab)
 
 
 def main(cfg: PipelineConfig) -> dict:
@@ -154,7 +169,8 @@ def main(cfg: PipelineConfig) -> dict:
                 check(getattr(cfg, stage))
             except UserError as e:  # the stage's rule names its fields from the stage's own config
                 raise UserError(f"{stage}: {e}") from None
-    needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages else set())  # what the stages that run read
+    # what the stages that run read (PPO in an environment is rewarded by it: no reward model)
+    needed = {"sft"} | ({"reward"} if "ppo" in cfg.stages and not cfg.ppo.env.spec else set())
     for stage in sorted(needed, key=STAGES.index):
         if stage not in cfg.stages and not (out / stage / "config.json").exists() \
                 and not (out / stage / "adapter_config.json").exists():
@@ -170,7 +186,9 @@ def main(cfg: PipelineConfig) -> dict:
             results[stage] = runners[stage]()
             timings[stage] = time.perf_counter() - t0
     config.save(cfg, out / "rlhf_config.yaml")
-    report = write_report(out, timings, cfg.ppo.eval.reward.spec if cfg.ppo.eval.prompts else None)
+    judge = (f"success in {cfg.ppo.env.spec}" if cfg.ppo.env.spec else cfg.ppo.eval.reward.spec) \
+        if cfg.ppo.eval.prompts else None
+    report = write_report(out, timings, judge)
     print("\n" + (out / "report.md").read_text())
     verdict = report.get("heldout", {}).get("hacking")
     if verdict:

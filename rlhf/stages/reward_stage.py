@@ -133,8 +133,6 @@ def build(cfg: RewardConfig):
     Returns (trainer, {"train": pairs, "validation": pairs or None}) (canonical pairs, before tokenising)."""
     import trl
 
-    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
-
     check(cfg)
     out = hf_trainer.setup(cfg)
     train_pairs, val_pairs, _ = load_preference_data(cfg.data, cfg.seed)  # bad data fails before any writing
@@ -162,7 +160,7 @@ def build(cfg: RewardConfig):
                                   cfg.reward.margin_scale, "validation")
     trainer = trl.RewardTrainer(model=model, args=trl_args(cfg, val_rows is not None), train_dataset=train_rows,
                                 eval_dataset=val_rows, processing_class=tokenizer, callbacks=hf_trainer.callbacks(cfg))
-    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
+    hf_trainer.attach(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     if cfg.peft.method == "qlora":
         reward_models.head_to_dtype(trainer.model, models.torch_dtype(cfg.model))
     hf_trainer.report_trainable(trainer, cfg)
@@ -224,7 +222,7 @@ def _run(cfg: RewardConfig) -> dict:
     reward = as_reward(trainer, cfg.train.max_length, cfg.train.per_device_eval_batch_size)
     if val_pairs is not None and resume_from is None:
         metrics["eval_accuracy_before"] = reward_metrics.pairwise_correct(*score_pairs(reward, val_pairs)).mean().item()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = hf_trainer.train(trainer, resume_from)  # tensors only are read from the checkpoint
     metrics["train_loss"] = result.training_loss
     metrics["global_step"] = trainer.state.global_step
 

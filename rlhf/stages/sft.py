@@ -47,8 +47,6 @@ def build(cfg: SFTConfig):
     """Check the config, load model, tokenizer and data, and build the SFTTrainer (nothing trained yet)."""
     import trl
 
-    from rlhf.runtime.hf_trainer import attach as attach_to_trainer
-
     check(cfg)
     out = hf_trainer.setup(cfg)
     train_ds, eval_ds, fmt = load_sft_data(cfg.data, cfg.seed)  # first: bad data fails before any writing
@@ -61,7 +59,7 @@ def build(cfg: SFTConfig):
                              eval_dataset=eval_ds, processing_class=tokenizer,
                              peft_config=models.peft_config(cfg.peft, "CAUSAL_LM", base),
                              callbacks=hf_trainer.callbacks(cfg))
-    attach_to_trainer(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
+    hf_trainer.attach(trainer)  # plain progress lines off a terminal; TRL's token count kept across a resume
     # TRL drops rows whose loss mask is empty (the completion cut away by max_length): none may be left
     for name, ds in (("training", trainer.train_dataset), ("validation", trainer.eval_dataset)):
         if ds is not None and len(ds) == 0:
@@ -83,7 +81,7 @@ def _run(cfg: SFTConfig) -> dict:
     run, metrics = hf_trainer.start(cfg, trainer)
     metrics["format"] = fmt
     has_eval = trainer.eval_dataset is not None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = hf_trainer.train(trainer, resume_from)  # tensors only are read from the checkpoint
     history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run's, not this part's
     if has_eval:  # eval_on_start: logged at step 0
         metrics["eval_loss_before"] = next(h["eval_loss"] for h in history if "eval_loss" in h)
