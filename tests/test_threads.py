@@ -188,3 +188,25 @@ def test_set_threads_starts_adapting_only_when_nothing_was_chosen(monkeypatch, t
     threads.set_threads(2)
     assert started == []  # an explicit count: kept
     assert threads.set_threads() == 2 and started == [2]
+
+
+def test_thread_count_does_not_change_a_training_step(torch_threads):
+    """Adapting the count mid-run keeps exact resume only if a step's numbers do not depend on it: a
+    forward and backward of a small Llama (the LoRA trunk's matmuls, softmax, RMSNorm, embedding gradient)
+    give bitwise the same logits and gradients with 1 and 2 threads. If a torch or MKL upgrade breaks
+    this, adapting must stop (pin `cpu_threads`) before a resumed run can differ from a straight one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=344, vocab_size=2000))
+    ids = torch.randint(0, 2000, (8, 48))
+    seen = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        model.zero_grad()
+        logits = model(input_ids=ids).logits  # (8, 48, 2000)
+        logits.float().log_softmax(-1).mean().backward()
+        seen.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(seen[0][0], seen[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][1], seen[1][1]))

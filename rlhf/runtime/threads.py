@@ -17,6 +17,11 @@ The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`):
   CPU-only Linux machine, fewer while other processes hold the cores and back up when they leave
   (`Adaptive`). A user's `OMP_NUM_THREADS` wins (nothing adapts); an explicit count (`ppo.cpu_threads`)
   wins over both.
+
+Changing the count mid-run keeps exact resume because a step's numbers do not depend on it here: torch's
+CPU matmuls split rows, not the summed dimension, between threads (tests/test_threads.py checks a training
+step bitwise with 1 and 2 threads, so an upgrade that changes this is caught). Pin the count
+(`OMP_NUM_THREADS`, `ppo.cpu_threads`) where it must never change.
 """
 
 from __future__ import annotations
