@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             code = launch.relaunch(command, rest)
             if code is not None:
                 return code
+            from rlhf.runtime import threads
+
+            threads.set_threads()  # every stage computes with the same thread policy
         COMMANDS[command](rest)
     except (UserError, ModelLoadError, RewardError) as e:
         progress.clear_bars()  # nothing of a bar before or around the error line

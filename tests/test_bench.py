@@ -193,8 +193,10 @@ def test_bench_speed_writes_each_result_when_done(tmp_path, monkeypatch):
                                                     "trl_rloo, each once, got ['ppo', 'sac']"),
     (["bench", "speed", "--trainers", "ours", "foo"], "trainers must be some of ours, ours_vllm, trl_rloo, trl_ppo, got "
                                                       "['ours', 'foo']"),
-    (["bench", "speed", "--model", "nonexistent-shape"], "model must be `tiny`, one of qwen2.5-0.5b, llama3-8b, a "
-                                                         "directory with config.json, or a hub id, got 'nonexistent-shape'"),
+    (["bench", "speed", "--model", "nonexistent-shape"],
+     "model must be `tiny`, a named shape (smollm2-135m, qwen2.5-0.5b, llama3.2-1b, qwen2.5-1.5b, llama3.2-3b, "
+     "llama2-7b, llama3-8b, llama2-13b, qwen2.5-14b, qwen2.5-32b, llama3.1-70b, llama3.1-405b), a directory with "
+     "config.json, or a hub id, got 'nonexistent-shape'"),
 ])
 def test_bench_cli_errors(capsys, argv, message):
     assert cli.main(argv) == 2

@@ -220,6 +220,88 @@ def test_unreachable_hub_id_suggests_a_size():
         memory.resolve_model("someone/not-cached-model")
 
 
+# --- named shapes, shared with `bench speed` -------------------------------------------------------
+
+@pytest.mark.parametrize("name, total", [("llama3-8b", 8_030_261_248), ("Llama-3.1-8B", 8_030_261_248),
+                                         ("qwen2.5-0.5b", 494_032_768)])
+def test_named_shapes_resolve_without_the_hub(name, total):
+    spec = memory.resolve_model(name)
+    assert spec.params.total == total and spec.description.endswith(" shape")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama3-8b"])
+def test_bench_speed_builds_the_same_shape(name):
+    from rlhf.bench import speed
+
+    config = speed.model_config(speed.BenchSpeedConfig(model=name))
+    assert memory.count_params(config) == memory.resolve_model(name).params
+
+
+def unreachable_hub(monkeypatch):
+    """The hub switched on (HF_HUB_OFFLINE off) but answering nowhere: a port where nothing listens."""
+    import socket
+
+    import huggingface_hub
+
+    from rlhf.runtime import shapes
+
+    with socket.socket() as s:  # a free port, closed again: connecting to it is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(shapes, "hub_endpoint", lambda: f"http://127.0.0.1:{port}")
+    for key in shapes.PROXY_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_unreachable_hub_fails_at_once_with_one_line(monkeypatch):
+    import time
+
+    unreachable_hub(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"--model 'someone/not-cached-model' is not a named shape \(.*llama3-8b.*\) "
+                                        r"or a local directory .* the hub \(http://127.0.0.1:\d+\) cannot be reached: "
+                                        r".*; pass a size like 7B instead"):
+        memory.resolve_model("someone/not-cached-model")
+    assert time.perf_counter() - start < 5
+
+
+def test_unreachable_hub_from_the_command_line(tmp_path):
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY",
+                                                            "https_proxy", "ALL_PROXY", "all_proxy")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    def run(model):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "rlhf", "estimate-memory", "--model", model],
+                              capture_output=True, text=True, timeout=120, env=env)
+        return proc, time.perf_counter() - start
+
+    named, named_s = run("llama3-8b")
+    assert named.returncode == 0 and "Llama-3.1-8B shape: 8.03e9 parameters" in named.stdout
+    bad, bad_s = run("llama3-8b-typo")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "cannot be reached" in bad.stderr
+    assert bad_s < named_s + 10  # the libraries' retries took about 25 s more; here one refused connection
+
+
+def test_a_proxy_decides_reachability_itself(monkeypatch):
+    from rlhf.runtime import shapes
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert shapes.unreachable("https://no-such-host.invalid") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    for key in shapes.PROXY_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    assert shapes.unreachable("https://no-such-host.invalid", timeout=2) is not None
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def test_cli_options_reach_the_estimate(capsys):

@@ -8,9 +8,10 @@ Throughput is (prompt + response tokens) per second of a whole PPO iteration (ge
 for logprobs and values, score, update), measured after `warmup_steps` untimed iterations, with the time
 split into generate / forward / score / train and the peak memory.
 
-The models are random-initialised at the shape named by `--model` (the built-in `tiny` shape, the
-`qwen2.5-0.5b` or `llama3-8b` shapes, or any local directory / hub id whose config.json is read): speed
-does not depend on the weights. The reward model is a random sequence classifier of the same shape.
+The models are random-initialised at the shape named by `--model` (the built-in `tiny` shape, a named
+shape of rlhf/runtime/shapes.py such as `qwen2.5-0.5b` or `llama3-8b`, or any local directory / hub id
+whose config.json is read): speed does not depend on the weights. The reward model is a random sequence
+classifier of the same shape.
 Text goes through a word-level tokenizer over the model's whole vocabulary (token i is the word `t{i}`),
 built here, so any vocabulary size works offline and decoding then re-encoding a response gives back
 its tokens: every trainer sees exactly `prompt_length` + `response_length` tokens per sequence.
@@ -37,16 +38,8 @@ import torch
 from policies.config import TinyModelConfig
 from rlhf.config import NonNegativeInt, PositiveInt, Seed, domain
 from rlhf.errors import UserError
+from rlhf.runtime import shapes
 
-# Published shapes (config.json of Qwen/Qwen2.5-0.5B and meta-llama/Meta-Llama-3-8B).
-SHAPES = {
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                         rope_theta=1e6, max_position_embeddings=32768),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
-                      rope_theta=5e5, max_position_embeddings=8192),
-}
 # Dense bf16 tensor-core peak, FLOP/s (vendor datasheets; SXM parts).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 TRAINERS = ("ours", "ours_vllm", "trl_rloo", "trl_ppo")
@@ -54,10 +47,11 @@ Trainers = domain(lambda v: all(t in TRAINERS for t in v), f"some of {', '.join(
 
 
 def _shape(name: str) -> bool:
-    return name == "tiny" or name in SHAPES or (Path(name) / "config.json").exists() or name.count("/") == 1
+    return (name == "tiny" or shapes.named(name) is not None or (Path(name) / "config.json").exists()
+            or name.count("/") == 1)
 
 
-Shape = domain(_shape, f"`tiny`, one of {', '.join(SHAPES)}, a directory with config.json, or a hub id")
+Shape = domain(_shape, f"`tiny`, a named shape ({', '.join(shapes.NAMES)}), a directory with config.json, or a hub id")
 
 
 @dataclass
@@ -65,8 +59,9 @@ class BenchSpeedConfig:
     """PPO throughput benchmark (`rlhf bench speed`)."""
 
     model: Shape[str] = "tiny"
-    """Model shape: `tiny` (shape below), `qwen2.5-0.5b`, `llama3-8b`, or a local directory / hub id whose
-    config.json gives the shape (weights are random either way)."""
+    """Model shape: `tiny` (shape below), a named shape (`qwen2.5-0.5b`, `llama3-8b`, ...: the table in
+    rlhf/runtime/shapes.py, shared with `estimate-memory`), or a local directory / hub id whose config.json
+    gives the shape (weights are random either way)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of `tiny`."""
     tiny_vocab_size: PositiveInt[int] = 800
@@ -136,13 +131,15 @@ def model_config(cfg: BenchSpeedConfig):
                            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
                            intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
                            vocab_size=cfg.tiny_vocab_size)
-    if cfg.model in SHAPES:
-        shape = dict(SHAPES[cfg.model])
-        return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    try:
-        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model: could not read a config for '{cfg.model}' ({str(e).splitlines()[0]})") from None
+    shape = shapes.named(cfg.model)
+    if shape is not None:
+        return shape.config()
+    if (Path(cfg.model) / "config.json").exists():
+        try:
+            return AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model: could not read a config for '{cfg.model}' ({str(e).splitlines()[0]})") from None
+    return shapes.hub_config(cfg.model, "model")
 
 
 def word_tokenizer(vocab_size: int):

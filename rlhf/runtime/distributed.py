@@ -93,22 +93,13 @@ def _cpu_process_group() -> int:
 
 
 def set_cpu_threads(n: int | None) -> int:
-    """Fix torch's intra-op thread count on a CPU and return it. `n` None: the cores this process may
-    use (its CPU affinity, which a container or `taskset` narrows; not `os.cpu_count()`), shared between
-    the processes on this machine, unless OMP_NUM_THREADS says otherwise. Each process would otherwise
-    take one OpenMP thread per core: N processes oversubscribe the CPU (measured: up to 100x slower PPO
-    steps). Nothing to do on a GPU, where the CPU only feeds kernels."""
-    if torch.cuda.is_available():
-        return torch.get_num_threads()
-    if n is None:
-        if "OMP_NUM_THREADS" in os.environ:
-            return torch.get_num_threads()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        n = max(1, len(os.sched_getaffinity(0)) // local)
-    if n < 1:
-        raise UserError(f"cpu_threads must be at least 1, got {n}")
-    torch.set_num_threads(n)
-    return n
+    """Fix torch's intra-op thread count and return it: `n`, else the policy of `rlhf.runtime.threads`
+    (the cores this process may use, shared between the local processes, unless OMP_NUM_THREADS says
+    otherwise; kept as the `rlhf` command set it, adapting, when it did). Each process would otherwise take
+    one OpenMP thread per core: N processes oversubscribe the CPU (measured: up to 100x slower PPO steps)."""
+    from rlhf.runtime import threads
+
+    return threads.set_threads(n, adapt=False)  # adapting starts only with a command (rlhf/cli.py)
 
 
 def check_world_size(world_size_env: int, num_processes: int) -> None:

@@ -4,10 +4,11 @@
     rlhf estimate-memory --model 7B --method qlora --lora_r 16 --json
     rlhf estimate-memory --model Qwen/Qwen2.5-0.5B --method lora --zero 3 --gpus 8 --offload optimizer
 
-`--model` is a size (`7B`, `8b`, `0.5B`, `135M`: the shape of a typical Llama/Qwen model of that
-size from `SHAPES`; a size between rows takes the nearest row's shape, with every parameter group
-scaled to the size asked for, and says so), a local directory with config.json, a hub id (only
-config.json is fetched) or `tiny` (the built-in tiny Llama).
+`--model` is a named shape (`qwen2.5-0.5b`, `llama3-8b`, ...: `rlhf.runtime.shapes`, the names
+`rlhf bench speed` knows), a size (`7B`, `8b`, `0.5B`, `135M`: the shape of a typical Llama/Qwen model of
+that size from the same table; a size between rows takes the nearest row's shape, with every parameter
+group scaled to the size asked for, and says so), a local directory with config.json, a hub id (only
+config.json is fetched; refused at once when the hub cannot be reached) or `tiny` (the built-in tiny Llama).
 
 Parameters are counted exactly from the config: by formula for Llama, Mistral and Qwen2 (embeddings,
 attention with grouped-query key/value heads, gate/up/down MLP, norms, biases, tied or untied
@@ -60,6 +61,7 @@ import re
 from dataclasses import dataclass
 
 from rlhf.errors import ArgumentParser, UserError
+from rlhf.runtime import shapes
 
 GB = 1e9
 GPU_SIZES_GB = (24, 40, 80)
@@ -76,46 +78,8 @@ LOGITS_BYTES = 4  # fp32 logits per position and vocabulary entry
 
 # --- Model shapes ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Shape:
-    """A typical published model of one size (from its config.json)."""
-
-    size: float  # nominal parameter count the row answers for, e.g. 7e9 for `7B`
-    name: str  # the model whose shape this is
-    model_type: str  # `llama` or `qwen2` (Qwen2 adds q/k/v biases)
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool
-
-    def config(self):
-        """The transformers config of this shape (an object only: nothing is downloaded)."""
-        from transformers import LlamaConfig, Qwen2Config
-
-        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[self.model_type]
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("size", "name", "model_type"):
-            fields.pop(key)
-        return cls(**fields)
-
-
-SHAPES = (
-    Shape(135e6, "SmolLM2-135M", "llama", 576, 30, 1536, 9, 3, 49152, True),
-    Shape(0.5e9, "Qwen2.5-0.5B", "qwen2", 896, 24, 4864, 14, 2, 151936, True),
-    Shape(1e9, "Llama-3.2-1B", "llama", 2048, 16, 8192, 32, 8, 128256, True),
-    Shape(1.5e9, "Qwen2.5-1.5B", "qwen2", 1536, 28, 8960, 12, 2, 151936, True),
-    Shape(3e9, "Llama-3.2-3B", "llama", 3072, 28, 8192, 24, 8, 128256, True),
-    Shape(7e9, "Llama-2-7b", "llama", 4096, 32, 11008, 32, 32, 32000, False),
-    Shape(8e9, "Llama-3.1-8B", "llama", 4096, 32, 14336, 32, 8, 128256, False),
-    Shape(13e9, "Llama-2-13b", "llama", 5120, 40, 13824, 40, 40, 32000, False),
-    Shape(14e9, "Qwen2.5-14B", "qwen2", 5120, 48, 13824, 40, 8, 152064, False),
-    Shape(32e9, "Qwen2.5-32B", "qwen2", 5120, 64, 27648, 40, 8, 152064, False),
-    Shape(70e9, "Llama-3.1-70B", "llama", 8192, 80, 28672, 64, 8, 128256, False),
-    Shape(405e9, "Llama-3.1-405B", "llama", 16384, 126, 53248, 128, 8, 128256, False),
-)
+# The published shapes (`SHAPES`, one row per size) live in rlhf/runtime/shapes.py, shared with `bench speed`.
+SHAPES = shapes.SHAPES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([mMbBtT])\s*$")
 _UNITS = {"m": 1e6, "b": 1e9, "t": 1e12}
@@ -129,7 +93,7 @@ def parse_size(text: str) -> float | None:
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
-def nearest_shape(size: float) -> Shape:
+def nearest_shape(size: float) -> shapes.Shape:
     """The row closest to `size` in ratio (so 10B is nearer 8B than 13B: 1.25x vs 1.3x)."""
     return min(SHAPES, key=lambda row: abs(math.log(size / row.size)))
 
@@ -250,9 +214,13 @@ def spec_from_config(name: str, description: str, config, notes: tuple[str, ...]
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """`tiny`, a size like `7B`, a local directory with config.json, or a hub id (config only)."""
+    """`tiny`, a named shape (`llama3-8b`, rlhf/runtime/shapes.py), a size like `7B`, a local directory
+    with config.json, or a hub id (config only)."""
     if name == "tiny":
         return _tiny_spec()
+    shape = shapes.named(name)
+    if shape is not None:
+        return spec_from_config(name, f"{shape.name} shape", shape.config())
     size = parse_size(name)
     if size is not None:
         return _size_spec(name, size)
@@ -264,7 +232,8 @@ def resolve_model(name: str) -> ModelSpec:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"--model '{name}' does not exist (expected a size like 7B, a local directory "
                         "with config.json, a hub id like Qwen/Qwen2.5-0.5B, or tiny)")
-    return spec_from_config(name, f"hub config of {name}", _load_config(name, name, "the Hugging Face hub"))
+    return spec_from_config(name, f"hub config of {name}",
+                            shapes.hub_config(name, "--model", hint="; pass a size like 7B instead"))
 
 
 def _load_config(name: str, path: str, where: str):
@@ -552,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "activations; compared with 24/40/80 GB GPUs. The assumptions are printed with "
                             "the estimate.")
     p.add_argument("--model", required=True, metavar="NAME_OR_PATH_OR_SIZE",
-                   help="a size like 7B, 8b, 0.5B, 135M (shape of a typical Llama/Qwen model); a local "
-                        "directory with config.json; a hub id (only config.json is fetched); or tiny")
+                   help=f"a named shape ({', '.join(shapes.NAMES)}); a size like 7B, 8b, 0.5B, 135M (shape "
+                        "of a typical Llama/Qwen model); a local directory with config.json; a hub id (only "
+                        "config.json is fetched); or tiny")
     p.add_argument("--method", default="full", choices=METHODS,
                    help="full fine-tuning, LoRA on a bf16 base, or QLoRA on a 4-bit NF4 base (default: full)")
     p.add_argument("--zero", default=0, type=int, choices=(0, 1, 2, 3),
