@@ -374,7 +374,7 @@ def _bool_flags(cls: type, prefix: str = "") -> set[str]:
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             flags |= _bool_flags(tp, f"{prefix}{f.name}.")
-        elif tp is bool or tp == Optional[bool]:
+        elif tp is bool or bool in typing.get_args(tp):  # bool, Optional[bool], Union[Literal[...], bool]
             flags.add(f"--{prefix}{f.name}")
     return flags
 

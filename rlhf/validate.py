@@ -42,10 +42,12 @@ def domain_of(tp: Any) -> Domain | None:
 
 
 def literal_names(tp: Any) -> tuple | None:
-    """The names a `Literal[...]` (or `Optional[Literal[...]]`) type accepts; None for other types."""
-    for member in _members(typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp):
+    """The names a `Literal[...]` (or `Optional[Literal[...]]`, or `Union[Literal[...], bool]`) type
+    accepts; None for other types."""
+    members = _members(typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp)
+    for member in members:
         if typing.get_origin(member) is Literal:
-            return typing.get_args(member)
+            return typing.get_args(member) + ((True, False) if bool in members else ())
     return None
 
 

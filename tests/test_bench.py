@@ -116,14 +116,16 @@ def test_flop_count_by_hand():
     # 2 params/token forward; critic and reward model lack the LM head; LoRA backward = 1x forward
     f = bench_speed.iteration_flops(n_matmul=100, n_head=40, batch=2, prompt_len=3, response_len=2, epochs=2,
                                     peft="lora")
-    T = 5
-    assert f["generate"] == 2 * 100 * 2 * T
-    assert f["forward"] == 2 * 2 * T * (100 + 60 + 100)
+    T, A = 5, 2
+    lm = 2 * (T * 60 + (A + 1) * 40)  # trunk over every token, the head over the A + 1 kept positions
+    assert f["generate"] == 2 * 2 * (T * 60 + A * 40)  # the head once per new token
+    assert f["forward"] == 2 * (lm + 2 * T * 60 + lm)  # policy, critic, reference
     assert f["score"] == 2 * 2 * T * 60
-    assert f["train"] == 2 * 4 * 2 * T * (100 + 60)
-    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "full")["train"] == 2 * 6 * 2 * T * 160
+    assert f["train"] == 2 * 4 * (lm + 2 * T * 60)
+    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "full")["train"] == 2 * 6 * (lm + 2 * T * 60)
     # policy logprobs recorded during generation: no policy pass in the rollout forward
-    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "lora", policy_forward=False)["forward"] == 2 * 2 * T * 160
+    assert bench_speed.iteration_flops(100, 40, 2, 3, 2, 2, "lora", policy_forward=False)["forward"] == \
+        2 * (2 * T * 60 + lm)
 
 
 def test_matmul_params_of_a_real_model():
@@ -157,6 +159,11 @@ def test_bench_speed_miniature(tmp_path):
     assert sum(rloo["time"][k] for k in ("generate", "score", "train")) == pytest.approx(rloo["time"]["total"])
     md = (tmp_path / "speed" / "result.md").read_text()
     assert "| rlhf PPO (ours) |" in md and "| TRL RLOOTrainer" in md
+    # the floor line: the phases' model FLOPs at this CPU's measured matmul rate
+    rate = report["matmul_flops_per_second"]
+    assert rate > 1e8
+    floor_train = r["model_flops_by_phase"]["train"] / rate
+    assert f"train {floor_train:.3f} s (measured {r['time']['train']:.3f})" in md
 
 
 def test_bench_speed_writes_each_result_when_done(tmp_path, monkeypatch):

@@ -60,17 +60,20 @@ def test_sampled_tokens_logprobs_equal_the_trainers(tmp_path, instruct_like_poli
     gen = ac.generation_model()
     assert gen.get_base_model().generation_config.repetition_penalty == 1.3  # the model ships one
 
-    def trainer_logprobs(responses):
+    def trainer_logprobs(responses, entropy=False):
         responses, rmask = core.truncate_after_stop_token(responses, tok.eos_token_id, tok.pad_token_id)
         ids, mask = torch.cat([q, responses], 1), torch.cat([qm, rmask.long()], 1)
-        lp, _, _, _ = rollout.forward_rollout(ac, ids, mask, position_ids(mask), responses, q.shape[1], T, 8)
-        return lp, rmask  # (B, A)
+        lp, _, _, ent = rollout.forward_rollout(ac, ids, mask, position_ids(mask), responses, q.shape[1], T, 8,
+                                                entropy=entropy)
+        return (lp, rmask, ent) if entropy else (lp, rmask)  # (B, A)
 
     torch.manual_seed(0)
-    ours, sampled = hf_engine.sample(gen, q, qm, hf_engine.generation_config(Sampling(T, 1.0, 12, tok.eos_token_id),
-                                                                              tok.pad_token_id), with_logprobs=True)
-    lp, rmask = trainer_logprobs(ours)
+    ours, sampled, sampled_entropy = hf_engine.sample(
+        gen, q, qm, hf_engine.generation_config(Sampling(T, 1.0, 12, tok.eos_token_id), tok.pad_token_id),
+        with_logprobs=True)
+    lp, rmask, entropy = trainer_logprobs(ours, entropy=True)
     assert (lp - sampled)[rmask].abs().max() < 1e-4  # on-policy: the trainer scores what was sampled
+    assert (entropy - sampled_entropy)[rmask].abs().max() < 1e-4  # and the recorded entropy is the policy's
 
     # What plain `generate` with our three sampling options did before: the model's own penalty and
     # top-k joined in, and the sampling distribution was another one than the trainer's.
@@ -253,10 +256,30 @@ def test_logprobs_from_generation_skip_the_policy_pass(tmp_path, sft_policy, mon
     passes = []
     real = rollout.forward_rollout
     monkeypatch.setattr(rollout, "forward_rollout", lambda *a, **kw: passes.append(kw["policy"]) or real(*a, **kw))
-    h = ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.logprobs_from_generation", "true", "--ppo.temperature", "0.7"),
-                 reward=DigitReward())
-    assert passes == [False, False]
+    h = ppo.main(ppo_config(tmp_path, sft_policy, "--ppo.temperature", "0.7"), reward=DigitReward())  # auto
+    assert passes == [False, False]  # float32 and the HF engine: `auto` takes them from generation
     # step 1: the policy is still the reference (LoRA B = 0), so the recorded decoding logprobs must
     # equal the reference's full-forward ones up to float32 rounding, or the KL would show it
     assert abs(h[0]["objective/kl"]) < 1e-4 and h[1]["objective/kl"] != 0
-    assert "policy/entropy" not in h[0]
+    # checked at every update by the first mini-batch's forward, which runs before any optimizer step
+    assert all(0 <= row["rollout/logprob_diff"] <= row["rollout/logprob_diff_max"] < 1e-4 for row in h)
+    assert h[0]["policy/entropy"] > 0  # recorded as it sampled
+
+    passes.clear()
+    ppo.main(ppo_config(tmp_path / "recomputed", sft_policy, "--ppo.logprobs_from_generation", "false"),
+             reward=DigitReward())
+    assert passes == [True, True]
+
+
+def test_recorded_logprobs_that_are_not_the_policy_stop_the_run(tmp_path, sft_policy, monkeypatch):  # noqa: F811
+    """Logits changed between the model and the sampler (here: shifted by a stand-in) are caught by the
+    first mini-batch's forward, before any optimizer step, and stop the run in one line."""
+    from rlhf.generation import hf_engine
+    from rlhf.generation.vllm_engine import EngineError
+
+    real = hf_engine.TokenLogprobRecorder.finish
+    monkeypatch.setattr(hf_engine.TokenLogprobRecorder, "finish",
+                        lambda self, responses: (lambda lp, ent: (lp - 0.2, ent))(*real(self, responses)))
+    with pytest.raises(EngineError, match="step 0: the sampled-token logprobs of the HF engine .* differ from the "
+                                          "policy's by 0.2"):
+        ppo.main(ppo_config(tmp_path, sft_policy), reward=DigitReward())

@@ -31,7 +31,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -88,9 +88,9 @@ class BenchSpeedConfig:
     """Mini-batches per epoch (ours and TRL PPO)."""
     rloo_k: PositiveInt[int] = 2
     """RLOO samples per prompt."""
-    logprobs_from_generation: bool = False
-    """Ours: the rollout's policy logprobs recorded during generation, no policy forward pass (what TRL
-    1.12's PPO does; see `ppo.logprobs_from_generation`)."""
+    logprobs_from_generation: Union[Literal["auto"], bool] = "auto"
+    """Ours: `ppo.logprobs_from_generation` (`auto`: recorded during generation, no policy forward pass, in
+    float32 with the HF engine, as TRL 1.12's PPO does; `false`: the policy pass of earlier releases)."""
     cpu_threads: PositiveInt[Optional[int]] = None
     """Intra-op threads of our run on a CPU (None: the cores this process may use)."""
     trainers: Trainers[list[str]] = field(default_factory=lambda: list(TRAINERS))
@@ -233,18 +233,22 @@ def iteration_flops(n_matmul: int, n_head: int, batch: int, prompt_len: int, res
     """Model FLOPs of one of our PPO iterations, by phase: 2 per weight per token for a forward pass,
     twice that for a backward pass with weight gradients (full) or once that without (LoRA: input
     gradients only). `n_matmul`: weights used in matmuls (input embeddings excluded), `n_head`: those of
-    the LM head (the critic and the reward model have a scalar head instead). Attention-score FLOPs are
-    left out. Counted: generation (prefill + decode), policy/critic/reference forwards, the reward model's
-    forward, and per epoch the policy and critic forward + backward. `policy_forward=False`: the
-    rollout's policy logprobs come from generation (no policy pass in the forward phase)."""
-    T = prompt_len + response_len
+    the LM head, which runs only where logits are kept: the last prompt position and the response
+    (A + 1 positions) in the trainer's passes, one position per new token in generation (the critic and
+    the reward model have a scalar head instead). Attention-score FLOPs are left out. Counted: generation
+    (prefill + decode), policy/critic/reference forwards, the reward model's forward, and per epoch the
+    policy and critic forward + backward. `policy_forward=False`: the rollout's policy logprobs come from
+    generation (no policy pass in the forward phase)."""
+    B, T, A = batch, prompt_len + response_len, response_len
     trunk = n_matmul - n_head
     backward = 4 if peft == "full" else 2
+    lm = B * (T * trunk + (A + 1) * n_head)  # weight-token products of one policy or reference pass
+    critic = B * T * trunk
     return {
-        "generate": 2.0 * n_matmul * batch * T,
-        "forward": 2.0 * batch * T * ((n_matmul if policy_forward else 0) + trunk + n_matmul),
-        "score": 2.0 * batch * T * trunk,
-        "train": epochs * (2.0 + backward) * batch * T * (n_matmul + trunk),
+        "generate": 2.0 * B * (T * trunk + A * n_head),
+        "forward": 2.0 * ((lm if policy_forward else 0) + critic + lm),
+        "score": 2.0 * critic,
+        "train": epochs * (2.0 + backward) * (lm + critic),
     }
 
 
@@ -252,6 +256,27 @@ def matmul_params(config, n_params: int) -> tuple[int, int]:
     """(weights in matmuls, LM-head weights) of a causal LM with `n_params` parameters."""
     head = config.vocab_size * config.hidden_size
     return (n_params if config.tie_word_embeddings else n_params - head), head
+
+
+def matmul_rate(config, rows: int, threads: Optional[int]) -> float:
+    """FLOP/s of one float32 (rows, hidden) x (hidden, intermediate) matmul on this CPU at `threads` (None:
+    as set): what the model's big matmuls can reach here, the yardstick of the report's floor line."""
+    import time
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(rows, config.hidden_size)
+        b = torch.randn(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size))
+        a @ b  # first call: allocation and kernel choice
+        n, start = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - start < 0.5:
+            a @ b
+            n += 1
+        return 2.0 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_peak_flops() -> tuple[str, Optional[float]]:
@@ -291,22 +316,25 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> d
     from rlhf import ppo
     from rlhf.data import synthetic
     from rlhf.generation.vllm_engine import VLLMConfig
+    from rlhf.ppo.config import logprobs_from_generation
 
     prompts = out / "data" / "prompts.jsonl"
     synthetic.write_jsonl([{"prompt": p} for p in as_messages(m["prompt_ids"])], prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _reset_peak()
     reward = load_reward_model(m["reward"], device)
+    hp = ppo.PPOHyperparameters(steps=cfg.warmup_steps + cfg.steps, per_device_rollout_batch_size=cfg.batch_size,
+                                num_mini_batches=cfg.num_mini_batches, ppo_epochs=cfg.ppo_epochs, learning_rate=1e-6,
+                                temperature=1.0, max_new_tokens=cfg.response_length,
+                                max_prompt_length=cfg.prompt_length, stop_token=None,
+                                logprobs_from_generation=cfg.logprobs_from_generation if engine == "hf" else False,
+                                rollout_engine=engine)
+    from_generation = logprobs_from_generation(hp, _dtype(cfg))  # as the trainer resolves it
     history = ppo.main(ppo.PPOConfig(
         model=ModelConfig(name_or_path=m["policy"], dtype=cfg.dtype),
         peft=PeftConfig(method=cfg.peft, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0),
         data=ppo.PromptDataConfig(train=str(prompts)),
-        ppo=ppo.PPOHyperparameters(steps=cfg.warmup_steps + cfg.steps, per_device_rollout_batch_size=cfg.batch_size,
-                                   num_mini_batches=cfg.num_mini_batches, ppo_epochs=cfg.ppo_epochs, learning_rate=1e-6,
-                                   temperature=1.0, max_new_tokens=cfg.response_length,
-                                   max_prompt_length=cfg.prompt_length, stop_token=None,
-                                   logprobs_from_generation=cfg.logprobs_from_generation and engine == "hf",
-                                   rollout_engine=engine),
+        ppo=hp,
         vllm=VLLMConfig(python=cfg.vllm_python),
         output_dir=str(out / ("ours" if engine == "hf" else "ours_vllm")), seed=cfg.seed, sample_every=0,
         cpu_threads=cfg.cpu_threads),
@@ -322,7 +350,8 @@ def run_ours(cfg: BenchSpeedConfig, m: dict, out: Path, engine: str = "hf") -> d
         result["logprob_diff"] = max(h["rollout/logprob_diff"] for h in history)
     n_matmul, n_head = matmul_params(m["config"], m["n_params"])
     flops = iteration_flops(n_matmul, n_head, cfg.batch_size, cfg.prompt_length, cfg.response_length,
-                            cfg.ppo_epochs, cfg.peft, not cfg.logprobs_from_generation)
+                            cfg.ppo_epochs, cfg.peft, not from_generation)
+    result["model_flops_by_phase"] = flops
     result["model_flops_per_iteration"] = sum(flops.values())
     result["achieved_flops_per_second"] = sum(flops.values()) / result["time"]["total"]
     return result
@@ -400,6 +429,17 @@ def markdown(cfg: BenchSpeedConfig, r: dict) -> str:
         lines.append(f"| {res['trainer']} | {res['tokens_per_second']:,.0f} | {t['total']:.3f} | {cell('generate')} | "
                      f"{share} | {cell('forward')} | {cell('score')} | {cell('train')} | {res['peak_memory_gb']:.2f} |")
     ours = next((x for x in r["results"] if x["trainer"] == "rlhf PPO (ours)" and "skipped" not in x), None)
+    trl = next((x for x in r["results"] if x["trainer"].startswith("TRL 1.12") and "skipped" not in x), None)
+    if ours is not None and r.get("matmul_flops_per_second"):
+        rate, flops, t = r["matmul_flops_per_second"], ours["model_flops_by_phase"], ours["time"]
+        floor = {k: flops[k] / rate for k in ("forward", "score", "train")}
+        best = t["generate"] + sum(floor.values())
+        lines += ["", f"Floor: one {r['matmul_shape']} float32 matmul runs at {rate / 1e9:.0f} GFLOP/s here. At that "
+                  "rate our model FLOPs would take " + ", ".join(f"{k} {floor[k]:.3f} s (measured {t[k]:.3f})"
+                                                                for k in floor) +
+                  f"; with generation as measured ({t['generate']:.3f} s: HF `generate`, which TRL runs too) an "
+                  f"iteration cannot take less than {best:.3f} s" +
+                  (f", {trl['time']['total'] / best:.2f}x TRL 1.12 PPO's {trl['time']['total']:.3f} s." if trl else ".")]
     if ours is not None:
         lines += ["", f"Our model FLOPs per iteration: {ours['model_flops_per_iteration']:.3e}; achieved "
                   f"{ours['achieved_flops_per_second'] / 1e12:.3f} TFLOP/s" +
@@ -429,6 +469,11 @@ def main(cfg: BenchSpeedConfig) -> dict:
     device, peak = device_peak_flops()
     report = {"model": cfg.model, "n_params": m["n_params"], "device": device, "peak_flops": peak,
               "dtype": str(_dtype(cfg)).removeprefix("torch."), "results": []}
+    if device == "cpu" and _dtype(cfg) == torch.float32:  # a GPU's yardstick is its peak (MFU)
+        rows = cfg.batch_size * (cfg.prompt_length + cfg.response_length) // max(cfg.num_mini_batches, 1)
+        report["matmul_flops_per_second"] = matmul_rate(m["config"], rows, cfg.cpu_threads)
+        report["matmul_shape"] = f"({rows} x {m['config'].hidden_size}) x ({m['config'].hidden_size} x " \
+                                 f"{getattr(m['config'], 'intermediate_size', 4 * m['config'].hidden_size)})"
     runners = {"ours": run_ours, "ours_vllm": run_ours_vllm, "trl_rloo": run_trl_rloo, "trl_ppo": run_trl_ppo}
     from rlhf import config
 

@@ -29,6 +29,7 @@ class GenerationResult:
     response_mask: torch.Tensor  # (B, A) bool, the stop token included
     stopped: torch.Tensor  # (B,) bool: the response ended with the stop token (all True without one)
     logprobs: Optional[torch.Tensor] = None  # (B, A) of the sampled tokens at the temperature, 0 off the mask
+    entropy: Optional[torch.Tensor] = None  # (B, A) of each step's sampling distribution (HF, recording), 0 off the mask
 
     def chunks(self, size: int) -> Iterator[GenerationResult]:
         """Consecutive slices of `size` rows, each trimmed to its own widest prompt and longest response:
@@ -39,7 +40,8 @@ class GenerationResult:
             a = max(int(self.response_mask[s].sum(-1).max()), 1)
             yield GenerationResult(self.prompt_ids[s, p0:], self.prompt_mask[s, p0:], self.response_ids[s, :a],
                                    self.response_mask[s, :a], self.stopped[s],
-                                   None if self.logprobs is None else self.logprobs[s, :a])
+                                   None if self.logprobs is None else self.logprobs[s, :a],
+                                   None if self.entropy is None else self.entropy[s, :a])
 
 
 class Engine(Protocol):
@@ -54,7 +56,8 @@ class Engine(Protocol):
 
 
 def finish(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
-           logprobs: Optional[torch.Tensor], stop_id: Optional[int], pad_id: int) -> GenerationResult:
+           logprobs: Optional[torch.Tensor], stop_id: Optional[int], pad_id: int,
+           entropy: Optional[torch.Tensor] = None) -> GenerationResult:
     """Raw sampled tokens (B, A') -> a GenerationResult: everything after the first stop token is padding,
     and the responses are cut to the longest real one (every later forward pass runs at P + that length,
     not P + max_new_tokens)."""
@@ -68,7 +71,9 @@ def finish(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch
     responses, mask = responses[:, :longest], mask[:, :longest]
     if logprobs is not None:
         logprobs = logprobs[:, :longest].masked_fill(~mask, 0.0)
-    return GenerationResult(prompt_ids, prompt_mask, responses, mask, stopped, logprobs)
+    if entropy is not None:
+        entropy = entropy[:, :longest].masked_fill(~mask, 0.0)
+    return GenerationResult(prompt_ids, prompt_mask, responses, mask, stopped, logprobs, entropy)
 
 
 def decode(tokenizer, gen: GenerationResult) -> list[str]:

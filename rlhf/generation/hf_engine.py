@@ -22,7 +22,7 @@ class HFEngine:
     """Samples with `model.generate`. `open_model()` gives the model to call it on, for the call's
     duration (PPO's: the policy with its adapter active and, under ZeRO-3, its weights gathered);
     `HFEngine.for_model` wraps a plain causal LM. `record_logprobs`: also return the sampled tokens'
-    logprobs, recorded as they are sampled (no second forward pass). `batch_size`: prompts per `generate`
+    logprobs and each step's entropy, recorded as they are sampled (no second forward pass). `batch_size`: prompts per `generate`
     call (None: all at once)."""
 
     def __init__(self, open_model: Callable[[], AbstractContextManager], pad_id: int, device: torch.device, *,
@@ -51,9 +51,9 @@ class HFEngine:
             ids, mask = left_pad(prompts[i:i + size], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)  # (b, p)
             with self.open_model() as model:
-                responses, logprobs = sample(model, ids, mask, generation_config(sampling, self.pad_id),
-                                             self.record_logprobs)
-            parts.append(finish(ids, mask, responses, logprobs, sampling.stop_id, self.pad_id))
+                responses, logprobs, entropy = sample(model, ids, mask, generation_config(sampling, self.pad_id),
+                                                      self.record_logprobs)
+            parts.append(finish(ids, mask, responses, logprobs, sampling.stop_id, self.pad_id, entropy))
         return parts[0] if len(parts) == 1 else concatenate(parts, self.pad_id)
 
     def update_weights(self, version: int) -> None:
@@ -77,7 +77,8 @@ def concatenate(parts: list[GenerationResult], pad_id: int) -> GenerationResult:
     return GenerationResult(cat("prompt_ids", P, pad_id, True), cat("prompt_mask", P, 0, True),
                             cat("response_ids", A, pad_id, False), cat("response_mask", A, False, False),
                             torch.cat([r.stopped for r in parts]),
-                            None if parts[0].logprobs is None else cat("logprobs", A, 0.0, False))
+                            None if parts[0].logprobs is None else cat("logprobs", A, 0.0, False),
+                            None if parts[0].entropy is None else cat("entropy", A, 0.0, False))
 
 
 def generation_config(sampling: Sampling, pad_id: int):
@@ -110,34 +111,38 @@ class TokenLogprobRecorder:
     """A logits processor that keeps log softmax(logits / T) of each token `generate` samples: the
     policy logprobs of a rollout without a second forward pass. transformers runs it before its own
     temperature warper, on the float32 copy of the model's logits, so it divides after the upcast as
-    the trainer does. Memory: one (B, V) row per decoding step, not the (B, A, V) of `output_scores`."""
+    the trainer does. Memory: one (B, V) row per decoding step, not the (B, A, V) of `output_scores`.
+    Each step's entropy (B,) comes with it (the `policy/entropy` metric, at the sampling temperature)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
         self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
         self.logprobs: list[torch.Tensor] = []  # A x (B,)
+        self.entropy: list[torch.Tensor] = []  # A x (B,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.pending is not None:  # the token sampled at the previous step is now the last input
             self._take(input_ids[:, -1])
         self.pending = torch.log_softmax(scores.float() / self.temperature, -1)
+        self.entropy.append(-(self.pending.exp() * self.pending).sum(-1))
         return scores
 
     def _take(self, tokens: torch.Tensor) -> None:
         self.logprobs.append(self.pending.gather(-1, tokens[:, None])[:, 0])
         self.pending = None
 
-    def finish(self, responses: torch.Tensor) -> torch.Tensor:
-        """(B, A) logprobs of `responses` (B, A), the tokens generate returned."""
+    def finish(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs (B, A) of `responses` (B, A), the tokens generate returned; entropy (B, A))."""
         if self.pending is not None:
             self._take(responses[:, len(self.logprobs)])
-        return torch.stack(self.logprobs, 1)
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy[:len(self.logprobs)], 1)
 
 
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config, with_logprobs: bool = False):
     """(responses (B, A <= max_new_tokens), their logprobs (B, A) at the sampling temperature, untruncated
-    by top_p as the trainer computes them, or None without `with_logprobs`), sampled with `gen_config` only."""
+    by top_p as the trainer computes them, and each step's entropy (B, A); both None without
+    `with_logprobs`), sampled with `gen_config` only."""
     from transformers import LogitsProcessorList
 
     recorder = TokenLogprobRecorder(gen_config.temperature if gen_config.do_sample else 1.0)
@@ -145,4 +150,6 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config,
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
                              logits_processor=LogitsProcessorList([recorder] if with_logprobs else []))
     responses = out[:, query_ids.shape[1]:]
-    return responses, (recorder.finish(responses) if with_logprobs else None)
+    if not with_logprobs:
+        return responses, None, None
+    return (responses, *recorder.finish(responses))

@@ -6,7 +6,7 @@ that tie fields together."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from policies.config import ModelConfig, PeftConfig
 from rlhf.config import (
@@ -143,12 +143,16 @@ class PPOHyperparameters:
     """Entropy bonus weight (0: none)."""
     weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay."""
-    logprobs_from_generation: bool = False
-    """Take the rollout's policy logprobs from generation (recorded as tokens are sampled) instead of a
-    second forward pass: one of the three rollout passes saved (TRL 1.12's PPO does this). The cost:
-    incremental decoding and a full forward round differently (about 1e-6 in float32, 1e-2 in bf16), so
-    the first epoch's ratio is not exactly 1 and the KL to the reference (a full forward) picks up that
-    noise; off by default. The `policy/entropy` metric is not measured then."""
+    logprobs_from_generation: Union[Literal["auto"], bool] = "auto"
+    """Where the rollout's policy logprobs (and the `policy/entropy` metric) come from. `true`: recorded
+    by the HF engine as it samples each token, so the rollout runs two forward passes (reference, critic)
+    instead of three (TRL 1.12's PPO does the same); `false`: a forward pass over the sampled sequences.
+    `auto`: `true` with the HF engine in float32, where incremental decoding and the full forward agree to
+    about 1e-6 nats, else `false` (in bf16/fp16 they differ by about 1e-2, which would show as a first-epoch
+    ratio off 1 and as noise in the KL). Taken from generation, they are checked at every update at no
+    cost: the first mini-batch's training forward runs before any optimizer step, so it recomputes them
+    (`rollout/logprob_diff`, `rollout/logprob_diff_max`), and a mean gap above `vllm.max_logprob_diff`
+    stops the run. The vLLM engine's logprobs are always recomputed and compared."""
     forward_batch_size: PositiveInt[Optional[int]] = None
     """Sequences per no-grad forward in the rollout (None: the whole local batch)."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
@@ -279,7 +283,16 @@ def check(cfg: PPOConfig) -> None:
     if p.kl_penalty == "loss" and p.kl_estimator == "k1":
         raise UserError("ppo.kl_penalty=loss needs ppo.kl_estimator k3 (GRPO's) or k2: the gradient of the k1 "
                         "estimate is zero in expectation, so it would not hold the policy near the reference")
-    if p.rollout_engine == "vllm" and p.logprobs_from_generation:
+    if p.rollout_engine == "vllm" and p.logprobs_from_generation is True:
         raise UserError("ppo.logprobs_from_generation applies to rollout_engine hf; with vllm the trainer "
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
 
+
+
+def logprobs_from_generation(p: PPOHyperparameters, compute_dtype) -> bool:
+    """What `ppo.logprobs_from_generation` resolves to (see the field) for a run computing in `compute_dtype`."""
+    import torch
+
+    if p.logprobs_from_generation != "auto":
+        return bool(p.logprobs_from_generation)
+    return p.rollout_engine == "hf" and compute_dtype == torch.float32

@@ -55,7 +55,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, A) of the policy that sampled
     ref_logprobs: torch.Tensor  # (B, A)
     values: Optional[torch.Tensor]  # (B, A); None without a critic
-    entropy: Optional[torch.Tensor]  # (B, A) of the policy; None when its logprobs came from generation
+    entropy: Optional[torch.Tensor]  # (B, A) of the policy; None when the sampler recorded none (episodes)
     raw_scores: torch.Tensor  # (B,) as the reward returned them
     nan_scores: torch.Tensor  # (B,) bool: the reward gave NaN/inf (counted as 0)
     scores: torch.Tensor  # (B,) after normalisation, clipping and EOS penalty
@@ -66,6 +66,7 @@ class Rollout:
     returns: Optional[torch.Tensor]  # (B, A); the value target (gae only)
     engine_logprob_diff: Optional[tuple[float, float]]  # mean and max |engine - trainer| logprob, all processes
     episodes: Optional[Episodes] = None  # the episodes (success, turns, tool calls, ...); None: single-turn
+    logprobs_recorded: bool = False  # `logprobs` are the engine's, recorded as it sampled (no policy pass)
 
     @property
     def sequences(self):
@@ -93,6 +94,7 @@ class Sample:
     action_mask: torch.Tensor  # (B, A) bool: the sampled tokens among them
     contains_eos: torch.Tensor  # (B,) bool
     engine_logprobs: Optional[torch.Tensor]  # (B, A) the sampler's, None when it gave none
+    engine_entropy: Optional[torch.Tensor]  # (B, A) the sampler's per-step entropy, None when it gave none
     raw_scores: torch.Tensor  # (B,) the whole response's or episode's reward, as given
     turn_rewards: torch.Tensor  # (B, A) the part of it placed at turn ends (zeros: all at the last token)
     episodes: Optional[Episodes] = None
@@ -107,8 +109,8 @@ def sample_responses(s: State, prompts: list, clock) -> Sample:
     raw = torch.as_tensor(s.reward.score(prompts, texts), dtype=torch.float32).to(s.accelerator.device)
     clock.lap("time/score")
     return Sample(prompts, texts, gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask,
-                  gen.response_mask, gen.stopped, gen.logprobs, raw, torch.zeros(gen.response_mask.shape,
-                                                                                device=raw.device))
+                  gen.response_mask, gen.stopped, gen.logprobs, gen.entropy, raw,
+                  torch.zeros(gen.response_mask.shape, device=raw.device))
 
 
 def sample_episodes(s: State, rows: list, clock) -> Sample:
@@ -124,6 +126,7 @@ def sample_episodes(s: State, rows: list, clock) -> Sample:
                   query_ids=lay.query_ids.to(dev), query_mask=lay.query_mask.to(dev), responses=lay.responses.to(dev),
                   response_mask=lay.response_mask.to(dev), action_mask=lay.action_mask.to(dev),
                   contains_eos=~ep.truncated.to(dev), engine_logprobs=lay.logprobs.to(dev) if sampler.recorded else None,
+                  engine_entropy=None,
                   raw_scores=turn_rewards.sum(-1), turn_rewards=turn_rewards, episodes=ep)
 
 
@@ -137,12 +140,12 @@ def make_rollout(s: State, items: list, step: int, clock) -> Rollout:
     # 2. forward passes over every token, at the sampling temperature
     ids = torch.cat([x.query_ids, responses], 1)
     mask = torch.cat([x.query_mask, x.response_mask.long()], 1)
-    recompute = not p.logprobs_from_generation
+    recompute = not p.logprobs_from_generation or x.engine_logprobs is None  # an engine that records none
     logprobs, ref_logprobs, values, entropy = forward_rollout(
         s.model, ids, mask, position_ids(mask), responses, x.query_ids.shape[1], p.temperature, s.sizes.forward,
         entropy=True, policy=recompute)
     if not recompute:
-        logprobs = x.engine_logprobs
+        logprobs, entropy = x.engine_logprobs, x.engine_entropy
     diff = engine_agreement(x.engine_logprobs, logprobs, action_mask, acc, step, s.cfg.vllm.max_logprob_diff) \
         if recompute and x.engine_logprobs is not None else None
     clock.lap("time/forward")
@@ -160,7 +163,7 @@ def make_rollout(s: State, items: list, step: int, clock) -> Rollout:
                    contains_eos=x.contains_eos, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                    entropy=entropy, raw_scores=x.raw_scores, nan_scores=nan, scores=scores, kl=kl,
                    turn_rewards=x.turn_rewards, rewards=rewards, advantages=adv, returns=returns,
-                   engine_logprob_diff=diff, episodes=x.episodes)
+                   engine_logprob_diff=diff, episodes=x.episodes, logprobs_recorded=not recompute)
 
 
 def score(raw: torch.Tensor, contains_eos: torch.Tensor, s: State, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +190,9 @@ def score(raw: torch.Tensor, contains_eos: torch.Tensor, s: State, step: int) ->
 
 
 def engine_agreement(engine_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor, accelerator, step: int,
-                     max_diff: float) -> tuple[float, float]:
-    """Is the engine serving the policy's weights? (mean, max) |engine - trainer| logprob of the sampled
-    tokens over every process; a mean above `max_diff` stops the run rather than train off-policy."""
+                     max_diff: float, engine: str = "the vLLM engine") -> tuple[float, float]:
+    """Is the engine sampling from the policy's weights? (mean, max) |engine - trainer| logprob of the
+    sampled tokens over every process; a mean above `max_diff` stops the run rather than train off-policy."""
     from rlhf.generation.vllm_engine import EngineError, logprob_diff
 
     diff_mean, diff_max = logprob_diff(engine_lp, trainer_lp, mask)
@@ -197,9 +200,10 @@ def engine_agreement(engine_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: to
     mean, worst = diffs[:, 0].mean().item(), diffs[:, 1].max().item()
     if mean > max_diff:
         raise EngineError(
-            f"step {step}: the vLLM engine's sampled-token logprobs differ from the policy's by {mean:.4g} nats on "
-            f"average (max {worst:.4g}), above vllm.max_logprob_diff={max_diff}: it is not serving the policy's "
-            "weights (a stale sync, or a dtype gap: vllm.dtype); the run stops rather than train off-policy")
+            f"step {step}: the sampled-token logprobs of {engine} differ from the policy's by {mean:.4g} nats on "
+            f"average (max {worst:.4g}), above vllm.max_logprob_diff={max_diff}: it is not sampling from the "
+            "policy's weights (a stale sync, a dtype gap: vllm.dtype, or logits changed before sampling); the run "
+            "stops rather than train off-policy")
     return mean, worst
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,7 +41,7 @@ from rlhf.generation.prompts import load_prompts, position_ids
 from rlhf.generation.sampling import Sampling, stop_token_id
 from rlhf.ppo import checkpoint, core, models, rollout
 from rlhf.ppo.checkpoint import STATE_FILE
-from rlhf.ppo.config import BatchSizes, PPOConfig, batch_sizes, check
+from rlhf.ppo.config import BatchSizes, PPOConfig, batch_sizes, check, logprobs_from_generation
 from rlhf.ppo.metrics import Stopwatch, log_row, report, step_metrics
 from rlhf.ppo.rollout import make_rollout
 from rlhf.ppo.update import build_optimizer, ppo_update
@@ -79,7 +79,9 @@ def train(s: State, on_step=None, save: bool = True) -> list[dict]:
         r = make_rollout(s, prompts, step, clock)
         # 3. update: ppo_epochs x mini-batches of the clipped policy (+ value) loss
         stats = ppo_update(acc, s.model, s.optimizer, s.scheduler, r, p, s.sizes,
-                           torch.Generator().manual_seed(cfg.seed * 1000003 + step), s.kl_ctl.value)
+                           torch.Generator().manual_seed(cfg.seed * 1000003 + step), s.kl_ctl.value,
+                           max_logprob_diff=cfg.vllm.max_logprob_diff if r.logprobs_recorded else None,
+                           step=step)
         clock.lap("time/train")
         # 4. the engine samples the updated policy from the next rollout on
         s.engine.update_weights(step + 1)
@@ -144,6 +146,14 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
     accelerator = make_accelerator(p.gradient_accumulation_steps, cpu_threads=cfg.cpu_threads,
                                    mixed_precision="bf16" if torch_dtype(cfg.model) == torch.bfloat16 else "no")
     sizes = batch_sizes(p, accelerator.num_processes)
+    from_generation = logprobs_from_generation(p, torch_dtype(cfg.model))
+    if p.logprobs_from_generation == "auto" and accelerator.is_main_process:
+        print(f"ppo.logprobs_from_generation=auto: {str(from_generation).lower()} (" +
+              ("recorded as the HF engine samples; checked at every update" if from_generation else
+               "recomputed by a forward pass: " + ("the vLLM engine's are compared" if p.rollout_engine == "vllm"
+                                                   else "not float32")) + ")")
+    cfg = replace(cfg, ppo=replace(p, logprobs_from_generation=from_generation))  # a bool from here on
+    p = cfg.ppo
     resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
     # with an env, the environment is the reward and the data rows start its episodes
     env_pool = EnvPool(cfg.env, cfg.seed) if cfg.env.spec else None

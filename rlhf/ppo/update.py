@@ -4,12 +4,13 @@ ppo_epochs x mini-batches x micro-batches of one rollout. The losses are in rlhf
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 
 from rlhf.ppo import core
 from rlhf.ppo.config import BatchSizes, PPOHyperparameters
-from rlhf.ppo.rollout import Rollout, response_logprobs
+from rlhf.ppo.rollout import Rollout, engine_agreement, response_logprobs
 
 
 def build_optimizer(ac, p: PPOHyperparameters, sizes: BatchSizes, accelerator):
@@ -37,13 +38,17 @@ def build_optimizer(ac, p: PPOHyperparameters, sizes: BatchSizes, accelerator):
 
 
 def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyperparameters, sizes: BatchSizes,
-               generator: torch.Generator, kl_coef: float = 0.0) -> dict[str, float]:
+               generator: torch.Generator, kl_coef: float = 0.0, max_logprob_diff: Optional[float] = None,
+               step: int = 0) -> dict[str, float]:
     """ppo_epochs x mini-batches x micro-batches of clipped policy + value loss (no value loss without a
     critic; + kl_coef x the KL to the reference with `kl_penalty: loss`): a token-level mean over the
     action tokens (`r.action_mask`) of the mini-batch of all processes. Each micro-batch's loss is weighted by its share of those tokens, so
     gradient accumulation and the number of processes give the same update as one big batch (a process
     with longer responses weighs more; DDP and DeepSpeed average gradients over processes, hence x world).
-    The policy's and the critic's gradients are clipped separately (`max_grad_norm`, `critic_max_grad_norm`)."""
+    The policy's and the critic's gradients are clipped separately (`max_grad_norm`, `critic_max_grad_norm`).
+    `max_logprob_diff`: the rollout's logprobs came from generation; the first mini-batch, whose forwards
+    all run before the first optimizer step, checks them against its own (`rollout/logprob_diff`, `_max`)
+    and stops the run above this mean gap, before any weight changes."""
     ids, mask, pos = r.sequences
     P = r.query_ids.shape[1]
     unwrapped = accelerator.unwrap_model(model)
@@ -52,8 +57,9 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
             "critic": cfg.max_grad_norm if cfg.critic_max_grad_norm is None else cfg.critic_max_grad_norm}
     deepspeed = accelerator.state.deepspeed_plugin is not None  # its engine clips (gradient_clipping)
     stats: dict[str, list[torch.Tensor]] = {}
+    checks: list[tuple[float, float]] = []  # (mean, max) |generation - forward| logprob per micro-batch
     model.train()
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(sizes.local_rollout, generator=generator)
         for start in range(0, sizes.local_rollout, sizes.local_mini_batch):
             mb = order[start:start + sizes.local_mini_batch]
@@ -66,6 +72,9 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
                 with accelerator.accumulate(model):
                     logits, values = model(ids[i], mask[i], pos[i], logits_to_keep=r.responses.shape[1] + 1)
                     new_lp = response_logprobs(logits, r.responses[i], cfg.temperature)
+                    if max_logprob_diff is not None and epoch == 0 and start == 0:  # no step taken yet
+                        checks.append(engine_agreement(r.logprobs[i], new_lp.detach(), rmask, accelerator, step,
+                                                       max_logprob_diff, "the HF engine (recorded as it sampled)"))
                     pg_loss, pg = core.policy_loss(new_lp, r.logprobs[i], r.advantages[i], rmask, cfg.cliprange)
                     step_stats = {"loss/policy": pg_loss, "policy/clipfrac": pg["clipfrac"],
                                   "policy/approxkl": pg["approx_kl"], "policy/ratio": pg["ratio_mean"]}
@@ -104,4 +113,8 @@ def ppo_update(accelerator, model, optimizer, scheduler, r: Rollout, cfg: PPOHyp
     # one device-to-host copy for the whole update, not one per statistic per micro-batch
     names = list(stats)
     means = torch.stack([torch.stack(stats[k]).float().mean() for k in names]).tolist()
-    return dict(zip(names, means))
+    out = dict(zip(names, means))
+    if checks:  # already over every process (engine_agreement gathers)
+        out["rollout/logprob_diff"] = sum(c[0] for c in checks) / len(checks)
+        out["rollout/logprob_diff_max"] = max(c[1] for c in checks)
+    return out
