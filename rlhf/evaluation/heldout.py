@@ -190,14 +190,13 @@ class HeldOutEval:
     def episodes(self, engine: Engine, sampling: Sampling, logprobs: Callable, seed: int, step: int, prefix: str):
         """One episode per held-out row (episode seeds fixed by the run's seed, turns drawn from a seed of
         the step): (per-episode values by metric name, transcript rows for eval_samples.jsonl)."""
-        from rlhf.envs.episodes import (EngineSampler, episode_records, episode_seeds, episode_values, first_messages,
-                                        run_episodes, split_at_prompt, transcript_text)
+        from rlhf.envs.episodes import (EngineSampler, episode_records, episode_values, first_messages, run_episodes,
+                                        split_at_prompt, transcript_text)
         from rlhf.generation.engine import GenerationResult
 
         sampler = EngineSampler(engine, sampling, seed=(seed * 7919 + step) * 1000)  # the same draw on a resume
-        seeds = episode_seeds(seed, self.n_prompts * self.cfg.samples_per_prompt)
         ep = run_episodes(self.envs, self.prompts, self.tokenizer, sampler, self.env, seed,
-                          seeds=[seeds[i] for i in self.episode_index])
+                          seeds=self.episode_seeds(seed))
         values = episode_values(ep)
         local = {"reward": values["success"], "proxy": values["return"], **values}
         if not prefix:  # KL to the reference over the agent's tokens (sum, k1)
@@ -212,6 +211,13 @@ class HeldOutEval:
                  "transcript": rec["transcript"]}
                 for row, t, rec in zip(self.prompts, ep.transcripts, episode_records(ep))]
         return local, rows
+
+    def episode_seeds(self, seed: int) -> list[int]:
+        """The seeds of this rank's held-out episodes: those of their places in the whole list."""
+        from rlhf.envs.episodes import episode_seeds
+
+        seeds = episode_seeds(seed, self.n_prompts * self.cfg.samples_per_prompt)
+        return [seeds[i] for i in self.episode_index]
 
     def restore(self, history: list[dict]) -> None:
         """Refill the hacking window from a resumed run's metrics."""
