@@ -226,9 +226,11 @@ def episode_records(ep: Episodes) -> list[dict]:
         agent = assistant[len(assistant) - int(ep.turns[b]):]
         messages = [dict(m) for m in transcript]
         for j, i in enumerate(agent):
-            start, end = spans[j] if j < len(spans) else (n, n - 1)
-            messages[i].update(reward=float(ep.turn_rewards[b, end]) if j < len(spans) else 0.0,
-                               ids=ids[start:end + 1])
+            if j < len(spans):
+                start, end = spans[j]
+                messages[i].update(reward=float(ep.turn_rewards[b, end]), ids=ids[start:end + 1])
+            else:
+                messages[i].update(reward=0.0, ids=[])
         records.append({"seed": ep.seeds[b], "transcript": messages, "success": bool(ep.success[b]),
                         "return": float(ep.returns[b]), "turns": int(ep.turns[b]),
                         "tool_calls": int(ep.tool_calls[b]), "tokens": n, "truncated": bool(ep.truncated[b]),
