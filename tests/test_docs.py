@@ -66,6 +66,16 @@ RUN_BY: dict[str, Run] = {
     # docs/agents.md
     "rlhf pipeline --config configs/agent_quickstart.yaml":
         Run("tests/test_ppo_envs.py::test_agent_quickstart_pipeline_at_tiny_size", ('"pipeline"',)),
+    "rlhf generate --model runs/agent_quickstart/ppo/policy --env.spec rlhf.envs.calculator:Calculator "
+    "--prompts.train builtin:calc_eval --max_new_tokens 12 --env.max_turns 3 --env.max_total_tokens 96 "
+    "--output episodes.jsonl":
+        Run("tests/test_generate.py::test_episodes_are_written_whole_as_the_environment_and_sampled_ids_made_them",
+            ('"generate"', '"--env.spec"', '"--prompts.train"', '"--env.max_turns"', '"--env.max_total_tokens"')),
+    "rlhf eval policy --policy runs/agent_quickstart/ppo/policy --reference runs/agent_quickstart/sft --env.spec "
+    "rlhf.envs.calculator:Calculator --prompts.train builtin:calc_eval --prompts.max_samples 128 --max_new_tokens 12 "
+    "--env.max_turns 3 --env.max_total_tokens 96":
+        Run("tests/test_eval_policy.py::test_episodes_of_both_models_and_their_metrics",
+            ('"eval", "policy"', '"--env.spec"', '"--prompts.train"', '"--env.max_turns"')),
     "rlhf sft --config configs/sft_tiny.yaml": Run("tests/test_cli.py::test_quickstart_end_to_end", ('"sft"',)),
     "rlhf reward --config configs/reward_tiny.yaml": Run(_CLI_RM, ('"reward"',)),
     # its reward model swapped for the exact-answer function (the config's own tip); PPO against a trained

@@ -264,6 +264,37 @@ def test_env_pool_resumes_the_episode_seed_stream_exactly(tok, tmp_path):
     assert targets(EnvPool(EnvConfig(**{**cfg.__dict__, "seed": 3}), run_seed=99)) == first  # env.seed wins
 
 
+def test_held_out_episodes_are_the_same_on_any_number_of_processes(tok, tmp_path):
+    """Each held-out row's episodes get the seeds a single process gives them, whichever rank plays them."""
+    from types import SimpleNamespace
+
+    from rlhf.evaluation.heldout import EvalConfig, HeldOutEval
+    from rlhf.generation.sampling import Sampling
+
+    cfg = EvalConfig(prompts="builtin:calc_eval", max_prompts=5, samples_per_prompt=2)
+
+    def played(rank, world):
+        acc = SimpleNamespace(process_index=rank, num_processes=world)
+        ev = HeldOutEval(cfg, None, Sampling(1.0, 1.0, 8, 2), 64, tok, acc, tmp_path, env=CALC)
+        return [(row["a"], row["b"], s) for row, s in zip(ev.prompts, ev.episode_seeds(7))]
+
+    one = played(0, 1)
+    assert len(one) == 10 and len({s for *_, s in one}) == 10
+    assert sorted(played(0, 2) + played(1, 2)) == sorted(one)
+
+
+def test_each_rank_has_a_seed_stream_of_its_own(tok):
+    """Two processes of a run draw different episode seeds (one stream would give both ranks the same
+    games); rank 0's stream is the one-process run's; and each stream is a function of seed and rank."""
+    cfg = EnvConfig(spec=f"{__file__}:SeededGuess", max_turns=1, max_total_tokens=64)
+    sample = lambda p: ([encode(tok, "8") + [2]] * len(p), [[0.0, 0.0]] * len(p))
+    seeds = lambda pool: [pool.run([{}] * 4, tok, sample).seeds for _ in range(2)]  # noqa: E731
+    one, rank0, rank1 = seeds(EnvPool(cfg, 3)), seeds(EnvPool(cfg, 3, rank=0)), seeds(EnvPool(cfg, 3, rank=1))
+    assert rank0 == one and rank1 == seeds(EnvPool(cfg, 3, rank=1))
+    assert not set(sum(rank0, [])) & set(sum(rank1, []))
+    assert seeds(EnvPool(cfg, 4, rank=1)) != rank1
+
+
 def test_data_files_are_held_out_small_and_in_the_tokenizer(tok):
     demos, train, heldout = calc_instances(seed=1)
     assert read_jsonl(BUILTIN_DIR / "calc_train.jsonl") == train and read_jsonl(BUILTIN_DIR / "calc_eval.jsonl") == heldout

@@ -2,10 +2,13 @@
 truncation rate, and a PPO-trained policy winning."""
 
 import json
+import os
 
 import pytest
 from conftest import REPO
+from agent_envs import Countdown
 from rewards import DigitReward
+from test_generate import COUNTDOWN, ENV_LIMITS, countdown_rows, read, replay_episode
 from test_ppo import ppo_config, sft_policy  # noqa: F401  (session fixture)
 
 from rlhf import cli, config, ppo
@@ -105,3 +108,76 @@ def test_stop_token_and_device(tmp_path, sft_policy, monkeypatch):  # noqa: F811
     assert len(chosen) == 1 and moved.count(chosen[0]) >= 2  # the policy and the reference
     assert r["length_policy"] == r["length_reference"] == 6  # no stop token: every answer runs to the end
     assert r["truncated_rate_policy"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def nudged_policy(sft_policy, tmp_path_factory):  # noqa: F811
+    """The SFT model with every weight nudged: another policy on the same tokenizer, close to it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("nudged")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(sft_policy)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(sft_policy).save_pretrained(out)
+    return str(out)
+
+
+def test_episodes_of_both_models_and_their_metrics(tmp_path, sft_policy, nudged_policy):  # noqa: F811
+    """`rlhf eval policy --env.spec`, in a subprocess, greedy: both models' episodes are written whole and
+    replay exactly (the same episode seeds for both), and every reported metric is what the written
+    episodes give: outcome means, the paired win rate on returns, the KL over the policy's agent tokens."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "e.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "rlhf", "eval", "policy", "--policy", nudged_policy, "--reference",
+                        sft_policy, "--env.spec", COUNTDOWN, "--prompts.train", countdown_rows(tmp_path / "rows.jsonl"),
+                        "--samples_per_prompt", "2", "--temperature", "0", *ENV_LIMITS, "--output", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    episodes = read(tmp_path / "e.episodes.jsonl")
+    by_model = {m: [e for e in episodes if e["model"] == m] for m in ("policy", "reference")}
+    assert [e["model"] for e in episodes] == ["policy"] * 8 + ["reference"] * 8
+    assert [e["seed"] for e in by_model["policy"]] == [e["seed"] for e in by_model["reference"]]
+    assert [e["ids"] for e in by_model["policy"]] != [e["ids"] for e in by_model["reference"]]  # they differ
+    tok = AutoTokenizer.from_pretrained(sft_policy)
+    actions = {m: [replay_episode(e, tok, Countdown(), 4, 64) for e in by_model[m]] for m in by_model}
+    assert (r["n_rows"], r["samples_per_prompt"], r["n_episodes"]) == (4, 2, 8)
+    for m, eps in by_model.items():
+        for key in ("success", "return", "turns", "tool_calls", "tokens", "truncated"):
+            assert r[f"{key}_{m}"] == pytest.approx(sum(float(e[key]) for e in eps) / 8), (m, key)
+    pairs = zip(by_model["policy"], by_model["reference"])
+    assert r["win_rate"] == pytest.approx(sum((a["return"] > b["return"]) + 0.5 * (a["return"] == b["return"])
+                                              for a, b in pairs) / 8)
+    models = {path: AutoModelForCausalLM.from_pretrained(path) for path in (nudged_policy, sft_policy)}
+
+    def logprob(path, e, positions):  # of the sampled ids at `positions`, summed
+        with torch.no_grad():
+            logits = models[path](input_ids=torch.tensor([e["ids"]])).logits[0]  # (T, V)
+        at = torch.tensor(positions)
+        return torch.log_softmax(logits[at - 1], -1).gather(-1, torch.tensor(e["ids"])[at, None]).sum().item()
+
+    kl = [logprob(nudged_policy, e, a) - logprob(sft_policy, e, a) for e, a in zip(by_model["policy"], actions["policy"])]
+    assert r["kl_policy_reference"] == pytest.approx(sum(kl) / 8, abs=1e-4) and abs(r["kl_policy_reference"]) > 1e-3
+    assert f"**Success rate of the policy: {r['success_policy']:.3f}**" in p.stdout
+    assert (tmp_path / "e.md").read_text().startswith("# Policy evaluation")
+
+
+def test_env_spec_that_does_not_load_is_one_line(tmp_path, sft_policy, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(REPO)
+    code = cli.main(["eval", "policy", "--policy", sft_policy, "--reference", sft_policy, "--env.spec",
+                     "tests/agent_envs.py:Nope", "--prompts.train", "builtin:calc_eval", "--output",
+                     str(tmp_path / "o" / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'Nope' does not exist" in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """`rlhf generate`: rows per prompt, greedy equals a direct `model.generate`, rewards, bad options."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,134 @@ def test_rewards_that_are_null_are_left_out_of_the_mean(tmp_path, sft_policy, ca
     assert code == 0
     assert [r["reward"] for r in read(out)] == [1.0, None, 1.0, None]
     assert "mean reward 1.0000 over the 2 scored" in capsys.readouterr().out
+
+
+# --- with an environment: episodes, whole transcripts ---------------------------------------------------------
+
+COUNTDOWN = "tests/agent_envs.py:Countdown"
+ENV_LIMITS = ["--env.max_turns", "4", "--env.max_total_tokens", "64", "--max_new_tokens", "8"]
+
+
+def countdown_rows(path: Path) -> str:
+    """Episodes of 1, 2, 3 and 6 agent turns (6: cut by env.max_turns 4 or env.max_total_tokens 64)."""
+    path.write_text("".join(json.dumps({"turns": n}) + "\n" for n in (1, 2, 3, 6)))
+    return str(path)
+
+
+def replay_episode(rec: dict, tok, env, max_turns: int, max_total_tokens: int) -> list[int]:
+    """Replay a written episode: a fresh environment reset with its row and seed and stepped with its agent
+    turns must give its every message, reward and outcome; the agent turns must be the decoded sampled ids;
+    and the episode's ids must be the first messages', the sampled ids and the replies' encoded once, in
+    order. Returns the positions of the sampled ids in the episode's ids."""
+    from rlhf.envs.turns import ChatTurns
+
+    turns, t, eos = ChatTurns(tok), rec["transcript"], tok.eos_token_id
+    first = env.reset(rec["row"], rec["seed"])
+    assert t[:len(first)] == first
+    ids, actions, i = turns.prompt_ids(first), [], len(first)
+    total, tool_calls, success, agent_turns, truncated = 0.0, 0, False, 0, False
+    while i < len(t):
+        m = t[i]
+        assert m["role"] == "assistant"
+        agent_turns, i = agent_turns + 1, i + 1
+        sampled = m["ids"]
+        stopped = sampled[-1:] == [eos]
+        assert m["content"] == tok.decode(sampled[:-1] if stopped else sampled)
+        actions += range(len(ids), len(ids) + len(sampled))
+        ids = ids + sampled
+        if not stopped:  # a turn cut by --max_new_tokens or the token limit ends the episode unseen
+            assert m["reward"] == 0 and i == len(t)
+            truncated = True
+            break
+        result = env.step(m["content"])
+        assert m["reward"] == (result.reward or 0.0)
+        total += m["reward"]
+        tool_calls += result.info.get("tool_calls", 0)
+        success = result.info.get("success", success)
+        assert t[i:i + len(result.reply)] == result.reply
+        i += len(result.reply)
+        if result.done:
+            break
+        reply = turns.reply_ids(result.reply)
+        if agent_turns == max_turns or len(ids) + len(reply) >= max_total_tokens:
+            truncated = True
+            break
+        ids += reply
+    assert i == len(t)  # nothing else in the transcript
+    assert rec["ids"] == ids and rec["tokens"] == len(ids) <= max_total_tokens
+    assert (rec["return"], rec["turns"], rec["tool_calls"], rec["success"], rec["truncated"]) == \
+        (pytest.approx(total), agent_turns, tool_calls, success, truncated)
+    return actions
+
+
+def assert_greedy(model, rec: dict, actions: list[int]) -> None:
+    """Each sampled id (temperature 0) is the model's most likely token after the episode's ids before it:
+    the episode holds the ids the model sampled, on the ids it was given."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([rec["ids"]])).logits[0]  # (T, V)
+    positions = torch.tensor(actions)
+    assert logits[positions - 1].argmax(-1).tolist() == [rec["ids"][p] for p in actions]
+
+
+def test_episodes_are_written_whole_as_the_environment_and_sampled_ids_made_them(tmp_path, sft_policy):  # noqa: F811
+    """`rlhf generate --env.spec`, in a subprocess, greedy: every written episode replays exactly (messages,
+    per-turn rewards, outcome, ids), its agent turns are the model's own greedy tokens on the episode's ids,
+    and the printed summary is the mean of the written outcomes."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_envs import Countdown
+
+    out = tmp_path / "episodes.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "rlhf", "generate", "--model", sft_policy, "--env.spec", COUNTDOWN,
+                        "--prompts.train", countdown_rows(tmp_path / "rows.jsonl"), "--samples_per_prompt", "2",
+                        "--temperature", "0", *ENV_LIMITS, "--output", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = read(out)
+    assert [(r["row"]["turns"], r["sample"]) for r in records] == [(n, k) for n in (1, 2, 3, 6) for k in (0, 1)]
+    assert len({r["seed"] for r in records}) == 8  # each episode its own seed
+    tok, model = AutoTokenizer.from_pretrained(sft_policy), AutoModelForCausalLM.from_pretrained(sft_policy)
+    for rec in records:
+        assert_greedy(model, rec, replay_episode(rec, tok, Countdown(), 4, 64))
+    # the episodes cover what the replay checks: several turns, tool and user replies, both outcomes, cut ones
+    assert max(r["turns"] for r in records) >= 3 and any(r["tool_calls"] for r in records)
+    assert {r["success"] for r in records} == {True, False} and any(r["truncated"] for r in records)
+    n = len(records)
+    mean = lambda key: sum(float(r[key]) for r in records) / n  # noqa: E731
+    assert (f"8 episodes (4 rows x 2) in {COUNTDOWN}: success rate {mean('success'):.3f}, mean return "
+            f"{mean('return'):.4f}, per episode {mean('turns'):.2f} turns, {mean('tool_calls'):.2f} tool calls, "
+            f"{mean('tokens'):.1f} tokens; truncated {mean('truncated'):.2f}") in p.stdout
+
+
+@pytest.mark.parametrize("case", ["spec", "class", "reward too", "row"])
+def test_bad_env_inputs_exit_2_in_one_line(case, tmp_path, sft_policy, capsys, monkeypatch):  # noqa: F811
+    """Refused before a model loads (in this process), or, for a row the environment rejects, after it (in a
+    subprocess, as the user sees it: no bar or warning around the line)."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(REPO)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"turns": 2}) + "\n" + json.dumps({"x": 1}) + "\n")
+    args = {"spec": ["--env.spec", "tests/no_such_file.py:Countdown"],
+            "class": ["--env.spec", "tests/agent_envs.py:Nope"],
+            "reward too": ["--env.spec", COUNTDOWN, "--reward.spec", "tests/rewards.py:digit_fraction"],
+            "row": ["--env.spec", COUNTDOWN]}[case]
+    expected = {"spec": "no_such_file.py", "class": "'Nope' does not exist",
+                "reward too": "--reward.spec: with --env.spec",
+                "row": "row 1: environment 'tests/agent_envs.py:Countdown' cannot start an episode from"}[case]
+    out = tmp_path / "out" / "g.jsonl"
+    argv = ["generate", "--model", sft_policy, "--prompts.train", str(rows), *args, "--output", str(out)]
+    if case == "row":
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+        p = subprocess.run([sys.executable, "-m", "rlhf", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+        code, err = p.returncode, p.stderr.strip().splitlines()
+    else:
+        code, err = cli.main(argv), capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not out.parent.exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,3 +119,38 @@ def test_two_processes_equal_one(tmp_path, sft_policy):  # noqa: F811
         assert w1.keys() == w2.keys()
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # multi-process / end to end: `-m "not slow"` leaves it out
+def test_two_process_env_run_resumes_exactly_with_a_seed_stream_per_rank(tmp_path):
+    """DDP on 2 CPU processes in the calculator environment: each rank starts its episodes from seeds of its
+    own stream (one shared stream would play the same episode seeds on both ranks), and each rank's stream
+    position is in the checkpoint: resumed after step 2, both ranks start the episodes the straight run
+    started, and the run logs what it logged."""
+    def run(out, *extra):
+        log = tmp_path / f"{out.name}_resets"
+        cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--multi_gpu", "-m", "rlhf", "ppo", "--model.name_or_path", "tiny",
+               "--env.spec", "tests/agent_envs.py:RecordingCalculator", "--data.train", "builtin:calc_train",
+               "--output_dir", str(out), "--ppo.steps", "4", "--save_steps", "2", "--ppo.max_new_tokens", "6",
+               "--ppo.per_device_rollout_batch_size", "4", "--ppo.num_mini_batches", "1", "--ppo.learning_rate",
+               "3e-3", "--ppo.temperature", "1.0", "--env.max_total_tokens", "40", "--sample_every", "0", *extra]
+        p = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true", "RLHF_TEST_RESET_LOG": str(log)}, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+        assert "2 process(es), rollout 8/step" in p.stdout
+        seeds = [[json.loads(line)["seed"] for line in open(f"{log}.{rank}")] for rank in (0, 1)]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return seeds, metrics
+
+    (seeds0, seeds1), straight = run(tmp_path / "straight")
+    assert len(seeds0) == len(seeds1) == 4 * 4  # 4 steps of 4 episodes on each rank
+    assert not set(seeds0) & set(seeds1)  # the ranks' episodes start from seeds of their own
+    resumed_dir = tmp_path / "resumed"  # as if killed after step 2: its checkpoint-2 is the straight run's
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    (r0, r1), resumed = run(resumed_dir, "--resume", "latest")
+    assert (r0, r1) == (seeds0[8:], seeds1[8:])  # steps 3 and 4 start, on each rank, the straight run's episodes
+    stable = lambda h: [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_second", "memory/"))}  # noqa: E731
+                        for m in h]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert stable(resumed) == stable(straight)

@@ -228,3 +228,44 @@ def test_agent_quickstart_pipeline_at_tiny_size(tmp_path):
         assert side["eval/turns"] >= 1 and "eval/tool_calls" in side and side["eval/tokens"] > 0
     assert held["before"]["eval/kl"] == 0 and held["after"]["eval/kl"] != 0
     assert report["samples"] and all(s["prompt"].startswith("What is ") for s in report["samples"])
+
+
+def test_resume_gives_each_rank_its_seed_stream_and_refuses_another_process_count(tmp_path):
+    """A checkpoint holds every rank's episode seed stream: rank r resumes rank r's, and a resume with
+    another number of processes (whose ranks would have no stream, or another's) is a one-line error."""
+    import random
+    from types import SimpleNamespace
+
+    from rlhf.envs.config import EnvConfig
+    from rlhf.envs.episodes import EnvPool
+    from rlhf.errors import UserError
+    from rlhf.ppo import checkpoint
+    from rlhf.runtime import checkpoints
+
+    cfg = EnvConfig(spec=ENVS["calculator"][0])
+    saved = [EnvPool(cfg, 0, rank) for rank in (0, 1)]
+    for pool in saved:
+        pool.rng.random()  # a stream part-way through
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    for rank in (0, 1):
+        checkpoints.save_rng_state(ckpt, rank)
+    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({
+        "step": 2, "history": [], "scheduler": {}, "kl_ctl": {}, "reward_moments": {},
+        "env": checkpoint.all_ranks(saved[0].state_dict()) + [saved[1].state_dict()]}))  # one process: [rank 0's]
+    keeps = SimpleNamespace(load_state_dict=lambda state: None)  # scheduler, KL controller, reward moments
+
+    def resume(rank, world):
+        acc = SimpleNamespace(load_state=lambda d: None, process_index=rank, num_processes=world,
+                              print=lambda *a: None)
+        pool = EnvPool(cfg, 99, rank)  # another seed: only the checkpoint can give it the saved stream
+        state = random.getstate()
+        try:
+            checkpoint.resume(acc, str(ckpt), keeps, keeps, keeps, pool)
+        finally:
+            random.setstate(state)
+        return pool.rng.random()
+
+    assert [resume(rank, 2) for rank in (0, 1)] == [pool.rng.random() for pool in saved]
+    with pytest.raises(UserError, match=r"holds the episode seed streams of 2 process\(es\); resume it with 2, not 1"):
+        resume(0, 1)

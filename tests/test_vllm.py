@@ -284,6 +284,23 @@ def test_generate_and_eval_policy_give_the_same_greedy_answers_with_either_engin
         assert reports["hf"][key] == pytest.approx(reports["vllm"][key], abs=1e-6), key
 
 
+def test_generate_plays_the_same_greedy_episodes_with_either_engine(sft128, tmp_path, monkeypatch):
+    """`rlhf generate --env.spec`: multi-turn episodes (one engine request per turn, the prompt the episode's
+    ids so far) played greedy by the vLLM engine are the HF engine's, token for token, reward for reward."""
+    from rlhf.evaluation import generate
+
+    monkeypatch.chdir(REPO)
+    records = {}
+    for engine in ("hf", "vllm"):
+        cfg = config.parse(generate.GenerateConfig, [
+            "--model", sft128, "--env.spec", "rlhf.envs.guess_number:GuessNumber", "--prompts.train",
+            "builtin:guess_eval", "--prompts.max_samples", "8", "--temperature", "0", "--max_new_tokens", "6",
+            "--env.max_total_tokens", "96", "--engine", engine], "t")
+        records[engine] = generate.generate(cfg)
+    assert records["hf"] == records["vllm"]
+    assert max(r["turns"] for r in records["hf"]) > 1  # the game answered and the agent spoke again
+
+
 @pytest.mark.parametrize("kind, method", [("ddp", "lora"), ("zero3", "full")])
 def test_two_processes_each_with_an_engine(kind, method, tmp_path):
     """2 CPU processes (DDP, or ZeRO-3 with full weights gathered for the sync), each with its own engine

@@ -61,6 +61,7 @@ class Episodes:
     success: torch.Tensor  # (B,) bool: the last `info["success"]` the environment gave (False if none)
     truncated: torch.Tensor  # (B,) bool: cut by a limit (see the module docstring), not ended by the environment
     transcripts: list[list[Message]]  # the conversations, agent turns decoded: for reading and reports
+    seeds: list[int]  # the seed each episode was started with (`reset(row, seed)`)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _Episode:
     """One live episode's state while the batch steps."""
 
     env: Environment
+    seed: int
     messages: list[Message]
     ids: list[int]
     prompt_length: int
@@ -89,14 +91,19 @@ def episode_seeds(seed: int, n: int) -> list[int]:
 
 
 def _start(env: Environment, row: dict, seed: int, turns: ChatTurns, limits: EnvConfig, index: int) -> _Episode:
-    messages = check_messages(env.reset(row, seed), f"environment '{limits.spec}': reset() of row {index}",
+    try:
+        first = env.reset(row, seed)
+    except (KeyError, TypeError, ValueError) as e:  # a row without what the environment reads: the data's fault
+        raise UserError(f"row {index}: environment '{limits.spec}' cannot start an episode from "
+                        f"{str(row)[:80]} ({type(e).__name__}: {e})") from None
+    messages = check_messages(first, f"environment '{limits.spec}': reset() of row {index}",
                               ("system", "user", "tool", "assistant"))
     ids = turns.prompt_ids(messages)
     if len(ids) >= limits.max_total_tokens:
         raise UserError(f"row {index}: the first messages take {len(ids)} tokens, leaving none of "
                         f"env.max_total_tokens={limits.max_total_tokens} for the agent")
-    return _Episode(env=env, messages=list(messages), ids=ids, prompt_length=len(ids), actions=[False] * len(ids),
-                    logprobs=[0.0] * len(ids), turn_ends=[], turn_rewards=[])
+    return _Episode(env=env, seed=seed, messages=list(messages), ids=ids, prompt_length=len(ids),
+                    actions=[False] * len(ids), logprobs=[0.0] * len(ids), turn_ends=[], turn_rewards=[])
 
 
 def _act(ep: _Episode, sampled: list[int], logprobs: list[float], turns: ChatTurns, limits: EnvConfig) -> None:
@@ -162,18 +169,21 @@ def _batch(episodes: list[_Episode], pad_id: int) -> Episodes:
         turn_ends=turn_ends, turn_rewards=turn_rewards, returns=turn_rewards.sum(dim=1),
         turns=torch.tensor([e.turns for e in episodes]), tool_calls=torch.tensor([e.tool_calls for e in episodes]),
         tokens=attention_mask.sum(dim=1), success=torch.tensor([e.success for e in episodes]),
-        truncated=torch.tensor([e.truncated for e in episodes]), transcripts=[e.messages for e in episodes])
+        truncated=torch.tensor([e.truncated for e in episodes]), transcripts=[e.messages for e in episodes],
+        seeds=[e.seed for e in episodes])
 
 
 def run_episodes(envs: Sequence[Environment], rows: Sequence[dict], tokenizer, sample_fn: SampleFn,
-                 limits: EnvConfig, seed: int) -> Episodes:
+                 limits: EnvConfig, seed: int, *, seeds: Sequence[int] | None = None) -> Episodes:
     """Run one episode per (environment, row) to its end, stepping the live ones together; the episode
-    of row i is seeded `episode_seeds(seed, B)[i]`."""
+    of row i is seeded `episode_seeds(seed, B)[i]`, or `seeds[i]` when they are given."""
     if len(envs) != len(rows) or not rows:
         raise ValueError(f"expected one environment per row and at least one row, got {len(envs)} and {len(rows)}")
+    seeds = episode_seeds(seed, len(rows)) if seeds is None else list(seeds)
+    if len(seeds) != len(rows):
+        raise ValueError(f"expected one seed per row, got {len(seeds)} for {len(rows)}")
     turns = ChatTurns(tokenizer)
-    episodes = [_start(env, row, s, turns, limits, i)
-                for i, (env, row, s) in enumerate(zip(envs, rows, episode_seeds(seed, len(rows))))]
+    episodes = [_start(env, row, s, turns, limits, i) for i, (env, row, s) in enumerate(zip(envs, rows, seeds))]
     while live := [e for e in episodes if not e.done]:
         sampled, logprobs = sample_fn([list(e.ids) for e in live])
         if len(sampled) != len(live) or len(logprobs) != len(live):
@@ -183,18 +193,69 @@ def run_episodes(envs: Sequence[Environment], rows: Sequence[dict], tokenizer, s
     return _batch(episodes, tokenizer.pad_token_id)
 
 
-class EnvPool:
-    """The environments of a run: the class loaded once, one instance per episode slot, and the stream of
-    batch seeds, whose state is all a checkpoint needs to resume the episodes exactly (an environment
-    keeps nothing across episodes that `reset(row, seed)` does not set)."""
+OUTCOMES = ("success", "return", "turns", "tool_calls", "tokens", "truncated")
+"""What each episode ends with; their means over episodes are the evaluation's metrics (`eval/success`, ...)."""
 
-    def __init__(self, cfg: EnvConfig, run_seed: int):
+
+def episode_values(ep: Episodes) -> dict[str, list[float]]:
+    """Each episode's `OUTCOMES` as floats, by name: what the held-out evaluation gathers and averages."""
+    tensors = (ep.success, ep.returns, ep.turns, ep.tool_calls, ep.tokens, ep.truncated)
+    return {name: t.float().tolist() for name, t in zip(OUTCOMES, tensors)}
+
+
+def outcome_means(records: Sequence[dict]) -> dict[str, float]:
+    """The mean of each of `OUTCOMES` over episode records (`episode_records`)."""
+    return {name: sum(float(r[name]) for r in records) / len(records) for name in OUTCOMES}
+
+
+def episode_records(ep: Episodes) -> list[dict]:
+    """Each episode as a JSON-able record: its seed, the whole transcript (the first messages, every agent
+    turn with its reward and its sampled ids, EOS included when it stopped, every environment reply, a
+    last one given with `done` included), its `OUTCOMES`, and all its token ids (each agent turn was
+    sampled after the ids before it)."""
+    records = []
+    for b, transcript in enumerate(ep.transcripts):
+        n = int(ep.tokens[b])
+        ids, actions = ep.ids[b, :n].tolist(), ep.action_mask[b, :n].tolist()
+        ends = ep.turn_ends[b, :n].nonzero().flatten().tolist()
+        after = [int(ep.prompt_lengths[b]) - 1] + ends[:-1]  # each turn starts at the first action after these
+        spans = [(next(t for t in range(a + 1, n) if actions[t]), end) for a, end in zip(after, ends)]
+        # the agent's turns are the last `turns` assistant messages (replies are never assistant turns); a
+        # turn that sampled nothing (only ever the last, which it ends) has no ids and no reward
+        assistant = [i for i, m in enumerate(transcript) if m["role"] == "assistant"]
+        agent = assistant[len(assistant) - int(ep.turns[b]):]
+        messages = [dict(m) for m in transcript]
+        for j, i in enumerate(agent):
+            if j < len(spans):
+                start, end = spans[j]
+                messages[i].update(reward=float(ep.turn_rewards[b, end]), ids=ids[start:end + 1])
+            else:
+                messages[i].update(reward=0.0, ids=[])
+        records.append({"seed": ep.seeds[b], "transcript": messages, "success": bool(ep.success[b]),
+                        "return": float(ep.returns[b]), "turns": int(ep.turns[b]),
+                        "tool_calls": int(ep.tool_calls[b]), "tokens": n, "truncated": bool(ep.truncated[b]),
+                        "ids": ids})
+    return records
+
+
+class EnvPool:
+    """The environments of a process: the class loaded once, one instance per episode slot, and the
+    stream of batch seeds, whose state is all a checkpoint needs to resume the episodes exactly (an
+    environment keeps nothing across episodes that `reset(row, seed)` does not set).
+
+    Each process of a run has a stream of its own, derived from the seed and its rank: with one stream
+    for all, every rank would start its i-th episode with the same seed, and an environment that draws
+    its task from the seed would play the same games on every rank. Rank 0's stream is the one-process
+    run's."""
+
+    def __init__(self, cfg: EnvConfig, run_seed: int, rank: int = 0):
         if not cfg.spec:
             raise UserError("env.spec is empty: expected module:Class or path/to/file.py:Class")
         self.cfg = cfg
         self.cls = load_environment_class(cfg.spec)
         self.instances: list[Environment] = []
-        self.rng = random.Random(cfg.seed if cfg.seed is not None else run_seed)
+        seed = cfg.seed if cfg.seed is not None else run_seed
+        self.rng = random.Random(seed if rank == 0 else f"{seed}/rank{rank}")  # a str seeds through sha512
 
     def environments(self, n: int) -> list[Environment]:
         """`n` instances, made on first need and reused (each `reset` starts afresh)."""

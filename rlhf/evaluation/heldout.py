@@ -97,8 +97,11 @@ class HeldOutEval:
             from rlhf.envs.interface import load_environment_class, make_environment
 
             rows = load_rows(cfg.prompts, max_samples=cfg.max_prompts)
-            mine = rows[accelerator.process_index::accelerator.num_processes]
-            self.prompts = [r for r in mine for _ in range(cfg.samples_per_prompt)]
+            rank, world, k = accelerator.process_index, accelerator.num_processes, cfg.samples_per_prompt
+            self.prompts = [r for r in rows[rank::world] for _ in range(k)]
+            # each of this rank's episodes by its place in the whole list: its seed is the one a single
+            # process gives it, whatever the number of processes
+            self.episode_index = [i * k + j for i in range(rank, len(rows), world) for j in range(k)]
             self.n_prompts = len(rows)
             cls = load_environment_class(env.spec)
             self.envs = [make_environment(cls, env) for _ in self.prompts]
@@ -187,15 +190,15 @@ class HeldOutEval:
     def episodes(self, engine: Engine, sampling: Sampling, logprobs: Callable, seed: int, step: int, prefix: str):
         """One episode per held-out row (episode seeds fixed by the run's seed, turns drawn from a seed of
         the step): (per-episode values by metric name, transcript rows for eval_samples.jsonl)."""
-        from rlhf.envs.episodes import EngineSampler, first_messages, run_episodes, split_at_prompt, transcript_text
+        from rlhf.envs.episodes import (EngineSampler, episode_records, episode_values, first_messages, run_episodes,
+                                        split_at_prompt, transcript_text)
         from rlhf.generation.engine import GenerationResult
 
         sampler = EngineSampler(engine, sampling, seed=(seed * 7919 + step) * 1000)  # the same draw on a resume
-        ep = run_episodes(self.envs, self.prompts, self.tokenizer, sampler, self.env, seed)
-        local = {"reward": ep.success.float().tolist(), "proxy": ep.returns.tolist(),
-                 "success": ep.success.float().tolist(), "return": ep.returns.tolist(),
-                 "turns": ep.turns.float().tolist(), "tool_calls": ep.tool_calls.float().tolist(),
-                 "tokens": ep.tokens.float().tolist(), "truncated": ep.truncated.float().tolist()}
+        ep = run_episodes(self.envs, self.prompts, self.tokenizer, sampler, self.env, seed,
+                          seeds=self.episode_seeds(seed))
+        values = episode_values(ep)
+        local = {"reward": values["success"], "proxy": values["return"], **values}
         if not prefix:  # KL to the reference over the agent's tokens (sum, k1)
             lay = split_at_prompt(ep, self.tokenizer.pad_token_id)
             dev = self.accelerator.device
@@ -204,9 +207,17 @@ class HeldOutEval:
             lp, ref_lp = logprobs(gen, sampling.temperature)
             local["kl"] = ((lp - ref_lp) * lay.action_mask.to(dev)).sum(-1).tolist()
         rows = [{"step": step, "mode": prefix.rstrip("/") or "sampled", "row": row, "prompt": first_messages(t),
-                 "response": transcript_text(t), "reward": float(ok), "proxy": float(ret), "transcript": t}
-                for row, t, ok, ret in zip(self.prompts, ep.transcripts, ep.success, ep.returns)]
+                 "response": transcript_text(t), "reward": rec["success"], "proxy": rec["return"],
+                 "transcript": rec["transcript"]}
+                for row, t, rec in zip(self.prompts, ep.transcripts, episode_records(ep))]
         return local, rows
+
+    def episode_seeds(self, seed: int) -> list[int]:
+        """The seeds of this rank's held-out episodes: those of their places in the whole list."""
+        from rlhf.envs.episodes import episode_seeds
+
+        seeds = episode_seeds(seed, self.n_prompts * self.cfg.samples_per_prompt)
+        return [seeds[i] for i in self.episode_index]
 
     def restore(self, history: list[dict]) -> None:
         """Refill the hacking window from a resumed run's metrics."""

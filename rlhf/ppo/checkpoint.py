@@ -26,23 +26,38 @@ def resume(accelerator, resume_from: Optional[str], scheduler, kl_ctl, moments, 
     kl_ctl.load_state_dict(state["kl_ctl"])
     moments.load_state_dict(state["reward_moments"])
     if env_pool is not None:
-        if state.get("env") is None:
-            from rlhf.errors import UserError
+        from rlhf.errors import UserError
 
+        if state.get("env") is None:
             raise UserError(f"{resume_from} is a checkpoint of a run without env; it cannot resume with env.spec set")
-        env_pool.load_state_dict(state["env"])
+        per_rank = state["env"] if isinstance(state["env"], list) else [state["env"]]  # one process: one state
+        if len(per_rank) != accelerator.num_processes:
+            raise UserError(f"{resume_from} holds the episode seed streams of {len(per_rank)} process(es); resume it "
+                            f"with {len(per_rank)}, not {accelerator.num_processes}")
+        env_pool.load_state_dict(per_rank[accelerator.process_index])
     accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     return state["step"], state["history"]
 
 
 def save(accelerator, out: Path, step: int, history: list[dict], scheduler, kl_ctl, moments, limit: int,
          env_pool=None) -> None:
-    """checkpoint-{step}: everything `resume` reads back (with an env, the episode seed stream's position:
-    environments keep nothing across episodes, see rlhf.envs.interface)."""
+    """checkpoint-{step}: everything `resume` reads back (with an env, each process's episode seed stream
+    position, by rank: environments keep nothing across episodes, see rlhf.envs.interface)."""
+    env = all_ranks(env_pool.state_dict()) if env_pool is not None else None  # every rank takes part
     save_checkpoint(accelerator, out, step, {"step": step, "history": history, "kl_ctl": kl_ctl.state_dict(),
                                              "scheduler": scheduler.state_dict(),
-                                             "reward_moments": moments.state_dict(),
-                                             "env": env_pool.state_dict() if env_pool is not None else None}, limit)
+                                             "reward_moments": moments.state_dict(), "env": env}, limit)
+
+
+def all_ranks(obj) -> list:
+    """`obj` of every process, by rank (torch's collective, as `rlhf.runtime.distributed.barrier` uses)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) -> None:

@@ -156,7 +156,7 @@ def setup(cfg: PPOConfig, reward=None, cleanup: ExitStack = None) -> State:
     p = cfg.ppo
     resume_from = checkpoints.resolve_resume(cfg.resume, out, STATE_FILE)
     # with an env, the environment is the reward and the data rows start its episodes
-    env_pool = EnvPool(cfg.env, cfg.seed) if cfg.env.spec else None
+    env_pool = EnvPool(cfg.env, cfg.seed, accelerator.process_index) if cfg.env.spec else None
     prompts = load_prompts(cfg.data) if env_pool is None else \
         load_rows(cfg.data.train, cfg.data.split, cfg.data.column_map, cfg.data.max_samples)
     if len(prompts) < sizes.global_prompts:
