@@ -32,7 +32,7 @@ commands:
   ppo              PPO (or GRPO, RLOO, REINFORCE++) against a reward   rlhf ppo --help
   pipeline         SFT -> reward model -> PPO in one command           rlhf pipeline --help
   bench align      gold-reward benchmark: PPO, GRPO, RLOO, DPO, ...    rlhf bench align --help
-  bench agents     PPO, GRPO, RLOO, best-of-n in an environment       rlhf bench agents --help
+  bench agents     PPO, GRPO, RLOO, best-of-n in an environment        rlhf bench agents --help
   bench speed      PPO throughput and time split next to TRL           rlhf bench speed --help
   merge            merge a LoRA adapter into a full model              rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup              rlhf estimate-memory --help

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 STEPS, ROLLOUT, ROWS, N, SEEDS = 2, 8, 6, 3, [0, 1]
 
 
-def miniature_task(path):
-    """The calculator quickstart's YAML at miniature size: a smaller model, SFT steps, rollout, held-out rows."""
-    task = yaml.safe_load((REPO / "configs" / "agent_quickstart.yaml").read_text())
+def miniature_task(path, shipped="agent_quickstart.yaml"):
+    """A shipped task's YAML at miniature size: a smaller model, SFT steps, rollout, held-out rows."""
+    task = yaml.safe_load((REPO / "configs" / shipped).read_text())
     task["sft"]["model"]["tiny"] = {"hidden_size": 32, "intermediate_size": 64}
     task["sft"]["data"].update(validation_split=0.0, max_samples=64)
     task["sft"]["train"].update(max_steps=6, per_device_train_batch_size=8, logging_steps=3)
@@ -129,7 +129,15 @@ def test_bench_agents_cli_errors(capsys, tmp_path, argv, message):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_guess_number_task_reads():
+def test_guess_number_task_runs(tmp_path):
+    """`--task guess_number` is configs/agent_guess.yaml: the game, its data and settings, at miniature size."""
     pl = bench_agents.plan(config.parse(bench_agents.BenchAgentsConfig, ["--task", "guess_number"], "t"))
     assert pl.task.ppo.env.spec == "rlhf.envs.guess_number:GuessNumber" and pl.heldout_rows == 64
     assert pl.n == pl.budget // 64 == 80 * 32 // 64
+    report = bench_agents.main(config.parse(bench_agents.BenchAgentsConfig, [
+        "--task", miniature_task(tmp_path / "guess.yaml", "agent_guess.yaml"), "--output_dir", str(tmp_path / "b"),
+        "--seeds", "0", "--ppo_steps", "1", "--best_of_n", "2"], "t"))
+    runs = report["seeds"][0]["methods"]
+    assert list(runs) == list(bench_agents.METHODS)
+    assert [runs[m]["episodes"] for m in bench_agents.TRAINED] == [ROLLOUT] * 4 and runs["best_of_n"]["episodes"] == 2 * ROWS
+    assert report["env"]["eval_prompts"] == "builtin:guess_eval"
