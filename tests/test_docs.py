@@ -152,6 +152,8 @@ RUN_BY: dict[str, Run] = {
             ("bench_agents.main", "agent_guess.yaml", '"--seeds"', '"--ppo_steps"')),
     "rlhf bench agents --seeds 1 2 3 --ppo_steps 30 --output_dir runs/bench_agents_calc":
         Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"', '"--ppo_steps"')),
+    "rlhf bench agents --seeds 1 2 3 --output_dir runs/bench_agents_calc":
+        Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"')),
     # docs/scale-out.md
     "rlhf sft --config configs/sft_tiny.yaml --peft.method lora --accelerate zero3 --num_processes 2":
         Run("tests/test_distributed_stages.py::test_two_processes_equal_one",
