@@ -5,7 +5,7 @@
     rlhf eval reward --model DIR --data SOURCE
     rlhf generate --model DIR --prompts.train SOURCE [--output FILE.jsonl]
     rlhf data check SOURCE [--format F]
-    rlhf bench align | speed [--field VALUE ...]
+    rlhf bench align | agents | speed [--field VALUE ...]
     rlhf merge ADAPTER_DIR OUT_DIR
     rlhf estimate-memory --model NAME_OR_SIZE --method full|lora|qlora --zero 0-3 --gpus N
 
@@ -32,6 +32,7 @@ commands:
   ppo              PPO (or GRPO, RLOO, REINFORCE++) against a reward   rlhf ppo --help
   pipeline         SFT -> reward model -> PPO in one command           rlhf pipeline --help
   bench align      gold-reward benchmark: PPO, GRPO, RLOO, DPO, ...    rlhf bench align --help
+  bench agents     PPO, GRPO, RLOO, best-of-n in an environment        rlhf bench agents --help
   bench speed      PPO throughput and time split next to TRL           rlhf bench speed --help
   merge            merge a LoRA adapter into a full model              rlhf merge --help
   estimate-memory  memory per GPU for a fine-tuning setup              rlhf estimate-memory --help
@@ -101,9 +102,15 @@ def _generate(argv: list[str]) -> None:
 def _bench(argv: list[str]) -> None:
     from rlhf import config
 
-    if not argv or argv[0] not in ("align", "speed"):
-        raise UserError("expected which benchmark: `rlhf bench align` (gold-reward alignment) or "
-                        "`rlhf bench speed` (PPO throughput next to TRL) (add --help)")
+    if not argv or argv[0] not in ("align", "agents", "speed"):
+        raise UserError("expected which benchmark: `rlhf bench align` (gold-reward alignment), `rlhf bench agents` "
+                        "(the estimators in a multi-turn environment) or `rlhf bench speed` (PPO throughput next to "
+                        "TRL) (add --help)")
+    if argv[0] == "agents":
+        from rlhf.bench import agents as bench_agents
+
+        bench_agents.main(config.parse(bench_agents.BenchAgentsConfig, argv[1:], "rlhf bench agents"))
+        return
     if argv[0] == "align":
         from rlhf.bench import align as bench_align
 

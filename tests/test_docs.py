@@ -58,6 +58,7 @@ _ALIGN_ALL = "tests/test_bench.py::test_bench_align_every_method"
 _ALIGN_MINI = "tests/test_bench.py::test_bench_align_miniature"
 _LOOPBACK = "tests/test_distributed_stages.py::test_two_node_shaped_launch_on_loopback"
 _MEMORY = "tests/test_memory.py::test_cli_7b_qlora_and_full_in_a_subprocess"
+_AGENTS = "tests/test_bench_agents.py::test_the_table_has_every_method_and_seed"
 RUN_BY: dict[str, Run] = {
     # README: set-up and stage by stage
     "rlhf pipeline --config configs/quickstart.yaml":
@@ -154,6 +155,15 @@ RUN_BY: dict[str, Run] = {
     "--num_mini_batches 2 --output_dir runs/bench_overopt":
         Run(_ALIGN_MINI, ("bench_align.main", '"--methods", "ppo"', '"--seeds", "0"')),
     "rlhf bench speed": Run("tests/test_bench.py::test_bench_speed_miniature", ("bench_speed.main",)),
+    # docs/agents.md: the agent benchmark
+    "rlhf bench agents": Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml")),
+    "rlhf bench agents --task guess_number --seeds 0 1 --ppo_steps 40":
+        Run("tests/test_bench_agents.py::test_guess_number_task_runs",
+            ("bench_agents.main", "agent_guess.yaml", '"--seeds"', '"--ppo_steps"')),
+    "rlhf bench agents --seeds 1 2 3 --ppo_steps 30 --output_dir runs/bench_agents_calc":
+        Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"', '"--ppo_steps"')),
+    "rlhf bench agents --seeds 1 2 3 --output_dir runs/bench_agents_calc":
+        Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"')),
     # docs/scale-out.md
     "rlhf sft --config configs/sft_tiny.yaml --peft.method lora --accelerate zero3 --num_processes 2":
         Run("tests/test_distributed_stages.py::test_two_processes_equal_one",
@@ -449,7 +459,7 @@ def config_classes(monkeypatch) -> dict[str, type]:
 
     monkeypatch.setattr(config, "parse", record)
     for args in (["sft"], ["reward"], ["classifier"], ["dpo"], ["ppo"], ["pipeline"], ["eval", "reward"],
-                 ["eval", "policy"], ["generate"], ["bench", "align"], ["bench", "speed"]):
+                 ["eval", "policy"], ["generate"], ["bench", "align"], ["bench", "agents"], ["bench", "speed"]):
         with pytest.raises(Parsed):
             cli.COMMANDS[args[0]](args[1:])
     monkeypatch.undo()

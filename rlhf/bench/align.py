@@ -338,6 +338,12 @@ class PeakMemory:
         self.peak_gb = max(self.peak_gb, self.rss_gb())
 
 
+def estimator(method: str, group_size: int) -> dict:
+    """The `ppo` fields that make our trainer run the online `method`: its advantage estimator, and
+    `group_size` samples per prompt for the group methods (one for the others)."""
+    return {"advantage_estimator": ONLINE[method], "samples_per_prompt": group_size if method in GROUP else 1}
+
+
 def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluator: Evaluator, out: Path,
                seed: int, prompts_file: Path) -> list[dict]:
     """Our trainer with the method's advantage estimator (`ppo.advantage_estimator`): the same prompts
@@ -362,8 +368,7 @@ def run_online(cfg: BenchAlignConfig, method: str, sft_dir: str, proxy, evaluato
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
                                    reward_normalization="model",
                                    missing_eos_penalty=None,  # the setting the README's figures were measured with
-                                   advantage_estimator=ONLINE[method],
-                                   samples_per_prompt=cfg.group_size if method in GROUP else 1,
+                                   **estimator(method, cfg.group_size),
                                    rollout_engine=cfg.rollout_engine),
         output_dir=str(out / method), seed=seed, save_steps=cfg.ppo_steps, save_total_limit=1, sample_every=0),
         reward=proxy, on_step=on_step)

@@ -454,8 +454,14 @@ def markdown(cfg: BenchSpeedConfig, r: dict) -> str:
 
 
 def _write(out: Path, cfg: BenchSpeedConfig, report: dict) -> None:
-    """result.json and result.md with the trainers measured so far (each written whole, then renamed)."""
-    for name, text in (("result.json", json.dumps(report, indent=2, default=str)), ("result.md", markdown(cfg, report))):
+    """result.json and result.md with the trainers measured so far."""
+    write_results(out, report, markdown(cfg, report))
+
+
+def write_results(out: Path, report: dict, md: str) -> None:
+    """`out`/result.json and result.md, each written whole, then renamed: a reader (or a benchmark killed
+    half-way) never sees half a file. The benchmarks call it as each of their runs finishes."""
+    for name, text in (("result.json", json.dumps(report, indent=2, default=str)), ("result.md", md)):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, out / name)
