@@ -218,7 +218,7 @@ def test_stale_engine_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(VLLMBackend, "update_weights", sync_once)
     cfg = config.parse(ppo.PPOConfig, ppo_args(tmp_path / "o", "--ppo.steps", "6", "--ppo.learning_rate", "2e-2",
                                                "--ppo.rollout_engine", "vllm"), "t")
-    with pytest.raises(EngineError, match=r"step [1-5]: the vLLM engine's sampled-token logprobs differ .* "
+    with pytest.raises(EngineError, match=r"step [1-5]: the sampled-token logprobs of the vLLM engine differ .* "
                                           r"above vllm.max_logprob_diff=0.05"):
         ppo.main(cfg, reward=DigitReward())
 
