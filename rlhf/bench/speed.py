@@ -429,7 +429,7 @@ def markdown(cfg: BenchSpeedConfig, r: dict) -> str:
         lines.append(f"| {res['trainer']} | {res['tokens_per_second']:,.0f} | {t['total']:.3f} | {cell('generate')} | "
                      f"{share} | {cell('forward')} | {cell('score')} | {cell('train')} | {res['peak_memory_gb']:.2f} |")
     ours = next((x for x in r["results"] if x["trainer"] == "rlhf PPO (ours)" and "skipped" not in x), None)
-    trl = next((x for x in r["results"] if x["trainer"].startswith("TRL 1.12") and "skipped" not in x), None)
+    trl = next((x for x in r["results"] if "1.12 PPOTrainer" in x["trainer"] and "skipped" not in x), None)
     if ours is not None and r.get("matmul_flops_per_second"):
         rate, flops, t = r["matmul_flops_per_second"], ours["model_flops_by_phase"], ours["time"]
         floor = {k: flops[k] / rate for k in ("forward", "score", "train")}
