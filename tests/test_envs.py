@@ -12,7 +12,7 @@ from conftest import sft_config
 from policies import tiny
 from rlhf.data.agent_tasks import calc_instances, guess_instances
 from rlhf.data.sources import BUILTIN_DIR, read_jsonl
-from rlhf.envs.calculator import Calculator
+from rlhf.envs.calculator import Calculator, render
 from rlhf.envs.config import EnvConfig
 from rlhf.envs.episodes import EnvPool, run_episodes
 from rlhf.envs.guess_number import GuessNumber
@@ -79,7 +79,7 @@ def test_pieces_equal_the_template_of_the_whole_conversation(tok):
             whole = tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
             assert ids == whole[:-1]  # the template's "\n" after the last EOS is never sampled
             count += 1
-    assert count == 700  # 500 calculator and 200 guessing demonstrations
+    assert count == 1393 + 200  # calculator (every (a, b) not held out) and guessing demonstrations
 
 
 def test_retokenising_the_decoded_conversation_would_differ_and_ours_keeps_the_sampled_ids(tok):
@@ -97,7 +97,7 @@ def test_retokenising_the_decoded_conversation_would_differ_and_ours_keeps_the_s
     ep = run_episodes([Calculator()], [{"a": 347, "b": 29}], tok, sample, CALC, seed=0)
     ids, actions = ep.ids[0], ep.action_mask[0]
     assert ids[actions].tolist() == call + [tok.eos_token_id] + answer + [tok.eos_token_id]
-    assert ep.transcripts[0][2] == {"role": "tool", "content": "10063"}  # the environment read the call
+    assert ep.transcripts[0][2] == {"role": "tool", "content": "1 0 0 6 3"}  # the environment read the call
     assert ep.tool_calls.tolist() == [1] and ep.success.tolist() == [False]
     retemplated = tok.apply_chat_template(ep.transcripts[0], tokenize=True)["input_ids"][:-1]
     assert retemplated != ids[:ep.tokens[0]].tolist()  # what a decode-and-re-template loop would train on
@@ -106,13 +106,13 @@ def test_retokenising_the_decoded_conversation_would_differ_and_ours_keeps_the_s
 
 def test_episode_layout_masks_rewards_and_logprobs(tok):
     """Two calculator episodes, one that calls the tool (2 turns) and one that guesses (1 turn)."""
-    sample = scripted(tok, [["calc 347 * 29", "10063"], ["5"]])
+    sample = scripted(tok, [["calc 347 * 29", "1 0 0 6 3"], ["5"]])
     ep = run_episodes([Calculator(), Calculator()], [{"a": 347, "b": 29}, {"a": 100, "b": 10}], tok, sample, CALC, 0)
     assert sample.calls == [2, 1]  # only the live episode is sampled on the second turn
     turns = ChatTurns(tok)
     prompt = turns.prompt_ids([{"role": "user", "content": "What is 347 * 29?"}])
-    call, ans = encode(tok, "calc 347 * 29") + [2], encode(tok, "10063") + [2]
-    reply = turns.reply_ids([{"role": "tool", "content": "10063"}])
+    call, ans = encode(tok, "calc 347 * 29") + [2], encode(tok, "1 0 0 6 3") + [2]
+    reply = turns.reply_ids([{"role": "tool", "content": "1 0 0 6 3"}])
     expected = prompt + call + reply + ans
     n = len(expected)
     assert ep.ids[0, :n].tolist() == expected and ep.tokens[0] == n
@@ -171,10 +171,13 @@ def test_builtin_environments():
     env = Calculator()
     assert env.reset({"a": 12, "b": 34}, 0) == [{"role": "user", "content": "What is 12 * 34?"}]
     r = env.step("calc 12 * 34")
-    assert r.reply == [{"role": "tool", "content": "408"}] and not r.done and r.info == {"tool_calls": 1}
-    assert env.step("calc 7 + 5").reply[0]["content"] == "12"
-    assert env.step(" 408 ") == StepResult(reward=1.0, done=True, info={"success": True})
-    assert env.step("409").reward == 0.0
+    assert r.reply == [{"role": "tool", "content": "4 0 8"}] and not r.done and r.info == {"tool_calls": 1}
+    assert env.step("calc 7 + 5").reply[0]["content"] == "1 2"
+    assert env.step(" 4 0 8 ") == StepResult(reward=1.0, done=True, info={"success": True})
+    assert env.step("4 0 9").reward == 0.0 and env.step("408").reward == 0.0  # written as the tool writes it
+    plain = Calculator(spaced_digits=False)
+    plain.reset({"a": 12, "b": 34}, 0)
+    assert plain.step("calc 12 * 34").reply[0]["content"] == "408" and plain.step("408").reward == 1.0
     assert Calculator(reward_per_call=0.1).step("calc 1 * 2").reward == 0.1
     with pytest.raises(UserError, match="integers 'a' and 'b'"):
         env.reset({"question": "x"}, 0)
@@ -309,10 +312,10 @@ def test_data_files_are_held_out_small_and_in_the_tokenizer(tok):
     calls = sum(m["messages"][1]["content"].startswith("calc ") for m in calc_demos)
     assert 0.4 < calls / len(calc_demos) < 0.6  # the tool used only about half of the time: room above SFT
     products = [question_row(m["messages"][0]["content"]) for m in calc_demos]
-    solved = sum(m["messages"][-1]["content"] == str(p["a"] * p["b"]) for m, p in zip(calc_demos, products))
+    solved = sum(m["messages"][-1]["content"] == render(p["a"] * p["b"]) for m, p in zip(calc_demos, products))
     assert solved == calls  # only the tool's answers are right
     size = sum((BUILTIN_DIR / f"{t}_{s}.jsonl").stat().st_size for t in ("calc", "guess") for s in ("sft", "train", "eval"))
-    assert size < 200_000
+    assert size < 400_000
     for m in (x for d in calc_demos + guess_demos for x in d["messages"]):
         assert tok.decode(encode(tok, m["content"])) == m["content"]
 

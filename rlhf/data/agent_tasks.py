@@ -5,7 +5,9 @@
 The demonstrations are played by a scripted demonstrator in the environment itself, so every tool result
 and hint in them is the environment's own. They leave room above SFT on purpose:
 - calculator: the demonstrator calls the tool half of the time and otherwise guesses a wrong number
-  near the product, so SFT calls the tool about half of the time; always calling scores 100%.
+  near the product, so SFT calls the tool about half of the time; always calling scores 100%. There is
+  one demonstration for every (a, b) not held out (1393), so that SFT learns to copy the tool's result
+  rather than memorise a few hundred episodes.
 - guess the number: the demonstrator halves the range half of the time and otherwise guesses an end of
   it, so about 30% of the games run out of guesses; halving always wins within 5.
 Held-out instances share no (a, b) or (high, target) with the training instances or demonstrations.
@@ -39,9 +41,9 @@ def demonstrate(env, row: dict, demonstrator: Demonstrator, rng: random.Random, 
     return messages
 
 
-def calc_demonstrator(tool_share: float) -> Demonstrator:
+def calc_demonstrator(tool_share: float, spaced_digits: bool = True) -> Demonstrator:
     """Calls the tool with probability `tool_share` (then copies its result), else guesses a wrong number
-    within 5% of the product."""
+    within 5% of the product (written as the tool writes numbers)."""
     def play(messages: list[Message], row: dict, rng: random.Random) -> str:
         if messages[-1]["role"] == "tool":
             return messages[-1]["content"]
@@ -49,7 +51,7 @@ def calc_demonstrator(tool_share: float) -> Demonstrator:
         if rng.random() < tool_share:
             return calculator.call(a, b)
         spread = max(2, a * b // 20)
-        return str(a * b + rng.choice([-1, 1]) * rng.randint(1, spread))
+        return calculator.render(a * b + rng.choice([-1, 1]) * rng.randint(1, spread), spaced_digits)
     return play
 
 
@@ -66,11 +68,16 @@ def guess_demonstrator(halving_share: float) -> Demonstrator:
 
 
 def calc_instances(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(demonstration rows, training rows, held-out rows): distinct (a, b) with a and b in 11..49, numbers
-    the tiny tokenizer holds as one token each, so a call copies two tokens of the question."""
-    pairs = random.Random(seed).sample([(a, b) for a in range(11, 50) for b in range(11, 50)], 500 + 600 + 128)
-    rows = [{"a": a, "b": b} for a, b in pairs]
-    return rows[:500], rows[500:1100], rows[1100:]
+    """(demonstration rows, training rows, held-out rows) with a and b in 11..49, numbers the tiny
+    tokenizer holds as one token each, so a call copies two tokens of the question: 128 held-out (a, b),
+    600 other distinct training rows, and a demonstration row for every (a, b) not held out."""
+    rng = random.Random(seed)
+    every = [(a, b) for a in range(11, 50) for b in range(11, 50)]
+    pairs = rng.sample(every, 500 + 600 + 128)  # the first 500 unused: training and held-out rows as shipped before
+    held = set(pairs[1100:])
+    demos = [p for p in every if p not in held]
+    rng.shuffle(demos)
+    return tuple([{"a": a, "b": b} for a, b in ps] for ps in (demos, pairs[500:1100], pairs[1100:]))
 
 
 def guess_instances(seed: int) -> tuple[list[dict], list[dict]]:
@@ -89,6 +96,7 @@ def main(out: Path = Path(__file__).parent / "assets" / "data") -> None:
     write_jsonl(train, out / "calc_train.jsonl")
     write_jsonl(heldout, out / "calc_eval.jsonl")
 
+    rng = random.Random(0)  # each task's own stream: the guessing games do not change with the calculator's
     train, heldout = guess_instances(seed=2)
     env = guess_number.GuessNumber(max_guesses=5)
     play = guess_demonstrator(halving_share=0.5)

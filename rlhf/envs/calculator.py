@@ -1,8 +1,9 @@
 """A built-in environment the agent needs: multiplication with a calculator tool.
 
 The question ("What is 47 * 29?") is beyond what a small model can compute, but the tool is exact:
-the agent writes `calc 47 * 29`, the tool answers `1363` in a `tool` turn, and the agent copies it.
-Any other message is the agent's answer. True objective: the answer is exactly the product.
+the agent writes `calc 47 * 29`, the tool answers `1 3 6 3` in a `tool` turn, and the agent copies it.
+Any other message is the agent's answer. True objective: the answer is exactly the product, written as
+the tool writes numbers (digits spaced by default; `spaced_digits: false` for `1363`).
 
     env:
       spec: rlhf.envs.calculator:Calculator
@@ -30,7 +31,15 @@ def call(a: int, b: int) -> str:
     return f"calc {a} * {b}"
 
 
-def tool_result(message: str) -> str | None:
+def render(n: int, spaced_digits: bool = True) -> str:
+    """A number as the tool writes it and the answer must be: `1 3 6 3` with spaced digits, else `1363`.
+    Spaced, each digit is one token of the tiny tokenizer, so copying the result is copying digits, the
+    same ten tokens every time, rather than BPE pieces that split each number its own way (`13 6 3`,
+    `2 40 1`); the tiny model learns to copy them from the demonstrations far more reliably."""
+    return " ".join(str(n)) if spaced_digits else str(n)
+
+
+def tool_result(message: str, spaced_digits: bool = True) -> str | None:
     """The tool's reply to `message` if it is a call (the result, or `error` for a number too long), else None."""
     m = CALL.fullmatch(message.strip())
     if m is None:
@@ -38,14 +47,15 @@ def tool_result(message: str) -> str | None:
     a, op, b = m.groups()
     if max(len(a), len(b)) > 12:  # keeps the tool's own work bounded
         return "error"
-    return str(OPS[op](int(a), int(b)))
+    return render(OPS[op](int(a), int(b)), spaced_digits)
 
 
 class Calculator:
     """Answer `a * b`, with a calculator tool (reward 1 for the exact product, 0 otherwise, at the answer)."""
 
-    def __init__(self, reward_per_call: float = 0.0):
+    def __init__(self, reward_per_call: float = 0.0, spaced_digits: bool = True):
         self.reward_per_call = reward_per_call  # a shaping bonus for calling (0: only the outcome counts)
+        self.spaced_digits = spaced_digits  # how the tool writes numbers, and so how the answer must be written
         self.answer = ""
 
     def reset(self, row: dict, seed: int) -> list[Message]:
@@ -53,11 +63,11 @@ class Calculator:
             a, b = int(row["a"]), int(row["b"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"calculator: expected a row with integers 'a' and 'b', got {str(row)[:80]}") from None
-        self.answer = str(a * b)
+        self.answer = render(a * b, self.spaced_digits)
         return [{"role": "user", "content": question(a, b)}]
 
     def step(self, agent_message: str) -> StepResult:
-        result = tool_result(agent_message)
+        result = tool_result(agent_message, self.spaced_digits)
         if result is not None:
             return StepResult(reply=[{"role": "tool", "content": result}], reward=self.reward_per_call or None,
                               info={"tool_calls": 1})
