@@ -62,3 +62,15 @@ def test_report_verdict_says_which_answers_rose():
         "The true metric rose with the proxy."
     assert _verdict(after, {"eval/reward": 0.7, "eval/greedy/reward": 0.6}, "PPO") == \
         "The true metric did not rise: PPO did not improve what it was meant to."
+
+
+def test_report_sample_table_keeps_an_episodes_answer(tmp_path):
+    """A long transcript is cut in the middle, marked, so the cell still shows the answer that was scored."""
+    from rlhf.stages.pipeline import _markdown
+
+    after = "assistant: calc 39 * 44 | tool: 1 7 1 6 | assistant: calc 39 * 44 | tool: 1 7 1 6 | assistant: 1 7 1 6"
+    r = {"timings_s": {}, "outputs": {}, "plots": [], "samples": [{"mode": "greedy", "prompt": "What is 39 * 44?", "before": "assistant: 1 8 1 3",
+                      "before_reward": False, "after": after, "after_reward": True}]}
+    md = _markdown(r, tmp_path)
+    row = next(line for line in md.splitlines() if line.startswith("| What is 39 * 44?"))
+    assert " … " in row and "tool: 1 7 1 6 \\| assistant: 1 7 1 6 | 1.00 |" in row  # cut marked, the answer kept

@@ -355,7 +355,10 @@ def _markdown(r: dict, out: Path) -> str:
             lines.append("  - No held-out evaluation was configured (`ppo.eval.prompts`, `ppo.eval.reward`): the "
                          "reward-model score alone does not show that the policy improved.")
     if r.get("samples"):
-        clean = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
+        def clean(t: str) -> str:  # a long cell keeps its start and its end (an episode's answer), cut marked
+            t = t.replace("\n", " ")
+            return (t if len(t) <= 90 else t[:40] + " … " + t[-45:]).replace("|", "\\|")
+
         proxy = "before_proxy" in r["samples"][0]
         stage = h["stage"] if h else "training"
         lines += ["", f"## The same prompts before and after {stage} ({r['samples'][0]['mode']} answers)", "",
