@@ -160,8 +160,6 @@ RUN_BY: dict[str, Run] = {
     "rlhf bench agents --task guess_number --seeds 0 1 --ppo_steps 40":
         Run("tests/test_bench_agents.py::test_guess_number_task_runs",
             ("bench_agents.main", "agent_guess.yaml", '"--seeds"', '"--ppo_steps"')),
-    "rlhf bench agents --seeds 1 2 3 --ppo_steps 30 --output_dir runs/bench_agents_calc":
-        Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"', '"--ppo_steps"')),
     "rlhf bench agents --seeds 1 2 3 --output_dir runs/bench_agents_calc":
         Run(_AGENTS, ("bench_agents.main", "agent_quickstart.yaml", '"--seeds"')),
     # docs/scale-out.md
