@@ -100,7 +100,8 @@ class VLLMConfig:
     """On a GPU, free the engine's weights and cache while the trainer runs (vLLM sleep mode)."""
     max_logprob_diff: Positive[float] = 0.05
     """Stop when the mean |engine logprob - trainer logprob| of the sampled tokens exceeds this (nats):
-    the engine serves stale or other weights. Float32 on a CPU agrees to about 1e-5; bf16 to about 1e-2."""
+    the engine serves stale or other weights. Float32 on a CPU agrees to about 1e-5; bf16 to about 1e-2.
+    The same bound checks the logprobs the HF engine records (`ppo.logprobs_from_generation`)."""
     start_timeout: Positive[float] = 600.0
     """Seconds the engine may take to start (process, connection, model load); then the run stops."""
     request_timeout: Positive[float] = 1800.0
