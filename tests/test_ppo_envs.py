@@ -241,6 +241,7 @@ def test_resume_gives_each_rank_its_seed_stream_and_refuses_another_process_coun
     from rlhf.errors import UserError
     from rlhf.ppo import checkpoint
     from rlhf.runtime import checkpoints
+    from rlhf.runtime.distributed import all_ranks
 
     cfg = EnvConfig(spec=ENVS["calculator"][0])
     saved = [EnvPool(cfg, 0, rank) for rank in (0, 1)]
@@ -252,7 +253,7 @@ def test_resume_gives_each_rank_its_seed_stream_and_refuses_another_process_coun
         checkpoints.save_rng_state(ckpt, rank)
     (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({
         "step": 2, "history": [], "scheduler": {}, "kl_ctl": {}, "reward_moments": {},
-        "env": checkpoint.all_ranks(saved[0].state_dict()) + [saved[1].state_dict()]}))  # one process: [rank 0's]
+        "env": all_ranks(saved[0].state_dict()) + [saved[1].state_dict()]}))  # one process: [rank 0's]
     keeps = SimpleNamespace(load_state_dict=lambda state: None)  # scheduler, KL controller, reward moments
 
     def resume(rank, world):

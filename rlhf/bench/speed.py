@@ -286,12 +286,6 @@ def device_peak_flops() -> tuple[str, Optional[float]]:
     return name, next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _summary(times: list[dict], tokens_per_iter: float, peak_gb: float) -> dict:
-    mean = {k: sum(t[k] for t in times) / len(times) for k in times[0]}
-    return {"steps_timed": len(times), "time": mean, "tokens_per_iteration": tokens_per_iter,
-            "tokens_per_second": tokens_per_iter / mean["total"], "peak_memory_gb": peak_gb}
-
-
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -511,14 +511,11 @@ def remove_stale_run_dirs(root: Path) -> list[Path]:
 def node_weights_file(engine: VLLMEngine, accelerator) -> Path:
     """The file full weights are written to once per node (by the local main process, into its engine's
     folder) and read by every engine of the node: each process learns its node's from the others."""
-    import torch.distributed as dist
+    from rlhf.runtime.distributed import all_ranks
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    paths = all_ranks(str(engine.weights_file))
+    if len(paths) == 1:
         return engine.weights_file
-    # torch's collective, not accelerate's gather_object: under ACCELERATE_USE_CPU accelerate's state says
-    # NO distribution and would gather nothing (see rlhf/runtime/distributed.py)
-    paths: list = [None] * dist.get_world_size()
-    dist.all_gather_object(paths, str(engine.weights_file))
     return Path(paths[accelerator.process_index - accelerator.local_process_index])
 
 

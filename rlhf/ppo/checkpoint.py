@@ -43,21 +43,12 @@ def save(accelerator, out: Path, step: int, history: list[dict], scheduler, kl_c
          env_pool=None) -> None:
     """checkpoint-{step}: everything `resume` reads back (with an env, each process's episode seed stream
     position, by rank: environments keep nothing across episodes, see rlhf.envs.interface)."""
+    from rlhf.runtime.distributed import all_ranks
+
     env = all_ranks(env_pool.state_dict()) if env_pool is not None else None  # every rank takes part
     save_checkpoint(accelerator, out, step, {"step": step, "history": history, "kl_ctl": kl_ctl.state_dict(),
                                              "scheduler": scheduler.state_dict(),
                                              "reward_moments": moments.state_dict(), "env": env}, limit)
-
-
-def all_ranks(obj) -> list:
-    """`obj` of every process, by rank (torch's collective, as `rlhf.runtime.distributed.barrier` uses)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, limit: int) -> None:

@@ -288,7 +288,6 @@ def check(cfg: PPOConfig) -> None:
                         "recomputes the logprobs and compares the engine's (rollout/logprob_diff)")
 
 
-
 def logprobs_from_generation(p: PPOHyperparameters, compute_dtype) -> bool:
     """What `ppo.logprobs_from_generation` resolves to (see the field) for a run computing in `compute_dtype`."""
     import torch

@@ -62,6 +62,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ranks(obj) -> list:
+    """`obj` of every process, by rank ([obj] with one process). torch's collective, not accelerate's
+    gather_object: see main_process_first on why."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 @contextmanager
 def main_process_first():
     """Rank 0 runs the block first (it writes files every rank reads: the built-in tiny base, a merged
