@@ -191,10 +191,9 @@ def test_set_threads_starts_adapting_only_when_nothing_was_chosen(monkeypatch, t
 
 
 def test_thread_count_does_not_change_a_training_step(torch_threads):
-    """Adapting the count mid-run keeps exact resume only if a step's numbers do not depend on it: a
-    forward and backward of a small Llama (the LoRA trunk's matmuls, softmax, RMSNorm, embedding gradient)
-    give bitwise the same logits and gradients with 1 and 2 threads. If a torch or MKL upgrade breaks
-    this, adapting must stop (pin `cpu_threads`) before a resumed run can differ from a straight one."""
+    """A forward and backward of a small Llama (the trunk's matmuls, softmax, RMSNorm, embedding gradient)
+    give bitwise the same logits and gradients with 1 and 2 threads: training steps at this shape do not
+    depend on the count the policy adapts. (Decoding's small matmuls do: see rlhf/runtime/threads.py.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -18,10 +18,12 @@ The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`):
   (`Adaptive`). A user's `OMP_NUM_THREADS` wins (nothing adapts); an explicit count (`ppo.cpu_threads`)
   wins over both.
 
-Changing the count mid-run keeps exact resume because a step's numbers do not depend on it here: torch's
-CPU matmuls split rows, not the summed dimension, between threads (tests/test_threads.py checks a training
-step bitwise with 1 and 2 threads, so an upgrade that changes this is caught). Pin the count
-(`OMP_NUM_THREADS`, `ppo.cpu_threads`) where it must never change.
+Changing the count mid-run changes float rounding: a training forward and backward at the test's shape is
+bitwise the same with 1 and 2 threads (tests/test_threads.py), but the decoding steps' small matmuls are
+not. Measured on the quickstart's PPO stage, killed at step 44 and resumed from checkpoint-40 while other
+jobs came and went: the same samples and scores at every step, the KL equal to 5-6 significant digits, not
+bitwise. With the count pinned (`OMP_NUM_THREADS`, `ppo.cpu_threads`) two runs beside other jobs were
+bitwise equal: pin it where a resumed run must log exactly what a straight one logs.
 """
 
 from __future__ import annotations
