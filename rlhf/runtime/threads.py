@@ -20,7 +20,7 @@ The policy, applied once at the start of every `rlhf` command (`rlhf/cli.py`):
 
 Changing the count mid-run changes float rounding: a training forward and backward at the test's shape is
 bitwise the same with 1 and 2 threads (tests/test_threads.py), but the decoding steps' small matmuls are
-not. Measured on the quickstart's PPO stage, killed at step 44 and resumed from checkpoint-40 while other
+not. Measured on the quickstart's PPO stage, killed after checkpoint-40 and resumed from it while other
 jobs came and went: the same samples and scores at every step, the KL equal to 5-6 significant digits, not
 bitwise. With the count pinned (`OMP_NUM_THREADS`, `ppo.cpu_threads`) two runs beside other jobs were
 bitwise equal: pin it where a resumed run must log exactly what a straight one logs.
